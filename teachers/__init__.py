@@ -1,0 +1,51 @@
+"""Teacher families behind one interface (`teachers.base.Teacher`) and the loader that picks one.
+
+    from teachers import load_teacher
+    t = load_teacher("llamagen", "GPT-L", checkpoint="c2i_L_256.pt", tokenizer_checkpoint="vq_ds16_c2i.pt")
+    t = load_teacher("var", "d16", checkpoint="var_d16.pth", tokenizer_checkpoint="vae_ch160v4096z32.pth")
+    t = load_teacher("digits-llamagen")          # a shipped tiny teacher (teachers/zoo)
+
+Each family module exposes `PRESETS` (named configs, the CLI's choices) and
+`load(config, checkpoint, tokenizer_config, tokenizer_checkpoint, device, dtype, **options)`.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional, Union
+
+import torch
+
+from .base import DecodeState, SamplingConfig, Teacher  # noqa: F401
+
+FAMILIES = {"llamagen": "teachers.llamagen", "var": "teachers.var"}
+
+
+def family_module(family: str):
+    if family not in FAMILIES:
+        raise ValueError(f"unknown teacher family {family!r}; choose from {sorted(FAMILIES)}")
+    return importlib.import_module(FAMILIES[family])
+
+
+def zoo_names() -> list:
+    from . import zoo
+    return sorted(zoo.ZOO)
+
+
+def load_teacher(family: str, config: Union[str, dict, None] = None, checkpoint=None, *,
+                 tokenizer_config: Union[str, dict, None] = None, tokenizer_checkpoint=None,
+                 device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+                 **options) -> Teacher:
+    """Build a teacher of `family` ("llamagen", "var", or a zoo name such as "digits-llamagen").
+
+    config: a preset name ("GPT-L", "d16", ...) or a dict of the official hyper-parameter names.
+    checkpoint / tokenizer_checkpoint: file paths or in-memory state dicts; None = random weights.
+    options: family options (e.g. `weights_only=False` for trusted legacy pickles, `ema=True`).
+    """
+    if family not in FAMILIES:
+        from . import zoo
+        if family in zoo.ZOO:
+            return zoo.load(family, device=device, dtype=dtype, **options)
+        raise ValueError(f"unknown teacher {family!r}; families: {sorted(FAMILIES)}, zoo: {zoo_names()}")
+    mod = family_module(family)
+    return mod.load(config, checkpoint, tokenizer_config=tokenizer_config,
+                    tokenizer_checkpoint=tokenizer_checkpoint, device=device, dtype=dtype, **options)
