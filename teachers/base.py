@@ -75,6 +75,9 @@ class Teacher(nn.Module):
     """
 
     family: str = ""
+    # The sampling settings DD uses for this family when making training pairs (the paper's
+    # defaults; subclasses override). build-dataset and the samplers start from these.
+    default_sampling: SamplingConfig = SamplingConfig()
     step_sizes: tuple = ()
     num_classes: int = 0
     image_size: int = 0
