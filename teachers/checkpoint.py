@@ -81,9 +81,12 @@ def read_state_dict(source: StateSource, nesting: Sequence[str] = ("model", "mod
     for k, v in inner.items():
         if not isinstance(v, torch.Tensor):
             continue
-        for p in WRAPPER_PREFIXES:
-            while k.startswith(p):
-                k = k[len(p):]
+        stripped = True
+        while stripped:  # wrappers nest in any order (DDP around a compiled model, or the reverse)
+            stripped = False
+            for p in WRAPPER_PREFIXES:
+                if k.startswith(p):
+                    k, stripped = k[len(p):], True
         out[k] = v
     if not out:
         raise CheckpointMismatchError(
