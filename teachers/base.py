@@ -157,6 +157,11 @@ class Teacher(nn.Module):
         """images [B, 3, H, W] in [0, 1] -> tokens [B, n] int64 (the tokenizer's encoder)."""
         raise NotImplementedError
 
+    def decode_differentiable(self, emb: torch.Tensor) -> torch.Tensor:
+        """Continuous embeddings [B, n, C] -> images [B, 3, H, W] in [-1, 1], differentiable in emb
+        (the DD student's image-space loss; `decode` is the no-grad, [0, 1] view)."""
+        raise NotImplementedError
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, n] int64 -> codebook rows [B, n, C] fp32."""
         return self.codebook[tokens]
