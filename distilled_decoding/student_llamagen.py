@@ -1,0 +1,170 @@
+"""LlamaGen-DD: the DD student of a LlamaGen teacher (the released `DDTransformer`, LlamaGen/
+autoregressive/models/dd.py of microsoft/distilled_decoding, re-implemented).
+
+Sequence: slot 0 = class embedding, slot 1 + i = token i (B × (1 + n) × dim), plain causal attention,
+all 1 + n RoPE rows of the teacher's table (the class slot's row is zero, so its q and k vanish; token i
+gets grid cell i). Inputs are continuous C-vectors (data: l2-normalised codebook rows; noise: N(0, I)),
+projected by `tok_embeddings = Linear(C, dim)` with bias. `n_d_embed` (Embedding(2, dim)) is added once
+at the input: 1 = data (the class slot and the data tokens), 0 = noise. The class slot's output is
+dropped; the output at token i's own slot predicts clean token i (no next-token shift):
+logits = output(norm(h)) (the teacher's head), emb = final_layer_conti(h, class embedding).
+
+State-dict keys are the released ones (`cls_embedding.embedding_table.weight`, `tok_embeddings.{weight,
+bias}`, `layers.*`, `norm.weight`, `output.weight`, `final_layer_conti.{linear.*, scale_shift_table}`,
+`n_d_embed.weight`); the RoPE table is a derived, non-persistent buffer.
+
+Initialisation from the teacher: cls_embedding, layers, norm, output copied. `tok_embeddings` is the
+least-squares fit of the teacher's token table on the codebook, (W, b) = argmin ‖codebook·Wᵀ + b − E‖
+(the authors start it at random); so a data row c_j enters the network as (nearly) the teacher's
+embedding E_j, exactly when E lies in the span of [codebook, 1]. n_d_embed and the embedding head
+start as the authors' (N(0, 0.02) weights, zero bias, scale_shift_table randn/√dim).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from teachers.llamagen import GPT_IGNORE, GPTConfig, LabelEmbedder, RMSNorm, TransformerBlock, rope_table_2d
+
+from .student import FinalLayer
+
+
+@torch.no_grad()
+def fit_token_projection(codebook: torch.Tensor, table: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Least squares (float64, CPU): codebook [V, C], table [V, D] -> (W [D, C], b [D]) minimising
+    ‖codebook·Wᵀ + b − table‖_F."""
+    A = torch.cat([codebook.double().cpu(), torch.ones(codebook.shape[0], 1, dtype=torch.float64)], 1)  # [V, C+1]
+    X = torch.linalg.lstsq(A, table.double().cpu(), driver="gelsd").solution                         # [C+1, D]
+    return X[:-1].t().contiguous(), X[-1].contiguous()
+
+
+class LlamaGenDD(nn.Module):
+    """The LlamaGen DD student backbone (released key layout)."""
+
+    family = "llamagen"
+    OFFICIAL_NESTING = ("ema",)           # llamagen-{B,L}.pt keep the weights under "ema"
+    OFFICIAL_NESTING_RAW = ("model", "module", "state_dict")
+    OFFICIAL_IGNORE = GPT_IGNORE          # stale RoPE tables / KV caches, if a file has them
+
+    def __init__(self, cfg: GPTConfig, codebook_dim: int):
+        super().__init__()
+        self.config = cfg
+        self.codebook_dim = codebook_dim
+        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
+        self.tok_embeddings = nn.Linear(codebook_dim, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.final_layer_conti = FinalLayer(cfg.dim, codebook_dim)
+        self.n_d_embed = nn.Embedding(2, cfg.dim)
+        # [1 + block_size, hd/2, 2] fp32 (class row zero); derived, not in the state dict
+        self.register_buffer("freqs_cis", self._rope(None), persistent=False)
+        if not self.freqs_cis.is_meta:
+            self.initialize_weights()
+
+    # -- the interface student.py uses ----------------------------------------------------------
+    @staticmethod
+    def paper_defaults(model: dict) -> Tuple[int, tuple, int]:
+        """(paper AR steps, timesteps, split): {1, 81} for B and L; split 80 (B) or 130 (L)."""
+        cfg = GPTConfig.from_dict(model)
+        split = 130 if (cfg.n_layer, cfg.dim) == (24, 1024) else 80
+        return 256, (1, 81), split
+
+    @staticmethod
+    def config_from_teacher(teacher) -> dict:
+        return teacher.gpt.config.to_dict()
+
+    @staticmethod
+    def default_options(**opts) -> dict:
+        if opts:
+            raise ValueError(f"LlamaGen DD student takes no options, got {sorted(opts)}")
+        return {}
+
+    def options(self) -> dict:
+        return {}
+
+    @classmethod
+    def build(cls, model: dict, codebook_dim: int, **opts) -> "LlamaGenDD":
+        cls.default_options(**opts)
+        return cls(GPTConfig.from_dict(model), codebook_dim)
+
+    @classmethod
+    @torch.no_grad()
+    def from_teacher(cls, teacher, **opts) -> "LlamaGenDD":
+        """Initialised from a LlamaGenTeacher (see the module docstring), on the teacher's device."""
+        cls.default_options(**opts)
+        gpt = teacher.gpt
+        codebook = teacher.codebook.float()
+        dev = codebook.device
+        with dev:
+            net = cls(gpt.config, codebook.shape[1])
+        for name in ("cls_embedding", "layers", "norm", "output"):
+            getattr(net, name).load_state_dict(getattr(gpt, name).state_dict())
+        table = gpt.tok_embeddings.weight.float()
+        W, b = fit_token_projection(codebook, table)
+        net.tok_embeddings.weight.copy_(W)
+        net.tok_embeddings.bias.copy_(b)
+        # relative residual ‖fit − E‖² / ‖E − mean E‖²: 0 when E is affine in the codebook
+        resid = (net.tok_embeddings(codebook) - table).pow(2).sum() / (table - table.mean(0)).pow(2).sum()
+        net.init_notes = f"tok_embeddings: least-squares fit of the teacher's table, relative residual {resid.item():.3f}"
+        return net.float()
+
+    @property
+    def step_sizes(self) -> tuple:
+        return (1,) * self.config.block_size
+
+    # -- weights and buffers --------------------------------------------------------------------
+    def _rope(self, device) -> torch.Tensor:
+        c = self.config
+        return rope_table_2d(c.grid_size, c.head_dim, c.rope_base, c.cls_token_num, device=device)
+
+    def reset_buffers(self, device=None) -> None:
+        device = self.freqs_cis.device if device is None else torch.device(device)
+        self.freqs_cis = self._rope(device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.freqs_cis.dtype != torch.float32:        # the RoPE table stays fp32 under .to(bf16)
+            self.reset_buffers(self.freqs_cis.device)
+        return self
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The authors' init (`DDTransformer._init_weights`): N(0, initializer_range) Linear/Embedding
+        weights, zero biases (the output head is overwritten by the teacher's)."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.final_layer_conti.scale_shift_table, std=self.config.dim ** -0.5)
+
+    # -- forward --------------------------------------------------------------------------------
+    def hidden(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, n, C]; labels: [B]; is_data: [B, n] bool -> (h [B, 1 + n, dim] before `norm`,
+        class embedding [B, 1, dim])."""
+        B, n, _ = x.shape
+        if n > self.config.block_size:
+            raise ValueError(f"{n} tokens exceed block_size {self.config.block_size}")
+        cond = self.cls_embedding(labels)                                     # [B, 1, dim]
+        h = torch.cat([cond.to(self.tok_embeddings.weight.dtype), self.tok_embeddings(x)], dim=1)
+        types = torch.cat([torch.ones_like(is_data[:, :1]), is_data], dim=1).long()   # [B, 1 + n]
+        h = h + self.n_d_embed(types)
+        rope = self.freqs_cis[: 1 + n]
+        for layer in self.layers:
+            h = layer(h, rope)                                                # causal
+        return h, cond
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, n, C]; labels: [B]; is_data: [B, n] bool -> (logits [B, n, V] fp32,
+        emb [B, n, C] fp32); the class slot is dropped."""
+        h, cond = self.hidden(x, labels, is_data)
+        h = h[:, 1:]
+        logits = self.output(self.norm(h)).float()
+        emb = self.final_layer_conti(h, cond).float()
+        return logits, emb

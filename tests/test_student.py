@@ -1,0 +1,460 @@
+"""The DD student and `dd train`: shapes and masks, initialisation from the teacher (provable
+statements), parity with the released DD students, the released key layouts, training (loss drop,
+exact resume, gradient accumulation, 2-rank DDP) and run directories.
+
+Tiny random teachers of both families; their weights live in checkpoint files so that the data sets
+(and CLI subprocesses) load exactly the teachers the in-process checks use.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distilled_decoding.dataset import build_dataset
+from distilled_decoding.flowmap import FlowMapConfig, nearest_code
+from distilled_decoding.student import (DDStudent, StudentConfig, build_student, dd_loss, dd_step, default_schedule,
+                                        load_official, load_run, make_xt, save_run)
+from distilled_decoding.student_var import dd_attn_bias
+from distilled_decoding.teacher_spec import TeacherSpec, resolve_sampling
+from distilled_decoding.train import TrainArgs, sample_timestep, train
+from teachers.checkpoint import CheckpointMismatchError
+from teachers.var import level_ids
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = json.loads((ROOT / "tests" / "manifests" / "dd_official.json").read_text())
+FIXTURE = ROOT / "tests" / "fixtures" / "dd_official_tiny.pt"
+
+TINY = {
+    "llamagen": (dict(dim=32, n_layer=2, n_head=2, vocab_size=64, block_size=16, num_classes=10, multiple_of=16),
+                 dict(codebook_size=64, codebook_embed_dim=4, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1],
+                      z_channels=32, ch=32, num_res_blocks=1),
+                 ("gpt", "vq")),
+    "var": (dict(depth=2, embed_dim=32, num_heads=2, num_classes=10, patch_nums=[1, 2, 3], V=64, Cvae=4),
+            dict(V=64, Cvae=4, ch=32, ch_mult=[1, 1], num_res_blocks=1, patch_nums=[1, 2, 3]),
+            ("var", "vae")),
+}
+NUM_PAIRS = 128
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """family -> (spec, teacher, data dir) of a tiny random teacher and a small pair data set."""
+    out = {}
+    for family, (cfg, tok_cfg, parts) in TINY.items():
+        d = tmp_path_factory.mktemp(family)
+        torch.manual_seed(0)
+        t = TeacherSpec(family, cfg, tokenizer_config=tok_cfg).load("cpu")
+        if family == "llamagen":
+            # token table in the span of [codebook, 1]: the least-squares init is then exact
+            g = torch.Generator().manual_seed(1)
+            M, c = torch.randn(4, 32, generator=g) * 0.3, torch.randn(32, generator=g) * 0.05
+            t.gpt.tok_embeddings.weight.data = t.codebook @ M + c
+        paths = []
+        for part in parts:
+            p = d / f"{part}.pt"
+            torch.save({"model": getattr(t, part).state_dict()}, p)
+            paths.append(str(p))
+        spec = TeacherSpec(family, cfg, paths[0], tok_cfg, paths[1])
+        teacher = spec.load("cpu")
+        data = d / "pairs"
+        build_dataset(str(data), teacher, spec, num_samples=NUM_PAIRS, sampling=resolve_sampling(teacher),
+                      fm_config=FlowMapConfig(nfe=4), seed=0, shard_size=64, batch_size=64,
+                      show_progress=False, log=lambda s: None)
+        out[family] = (spec, teacher, str(data))
+    return out
+
+
+def args_for(data, out, **kw):
+    a = dict(data=data, out=str(out), batch_size=8, max_steps=4, log_every=1, ckpt_every=100, num_workers=0,
+             lr=1e-3, progress=False, device="cpu", ema_decay=0.9)
+    a.update(kw)
+    return TrainArgs(**a)
+
+
+def metrics(run) -> list:
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- schedule and shapes -------------------------------------------------------------------------
+def test_default_schedule_paper_and_scaled():
+    from teachers.llamagen import GPTConfig
+    from teachers.var import PRESETS
+    assert default_schedule("llamagen", GPTConfig.preset("GPT-B").to_dict(), 256) == ((1, 81), 80)
+    assert default_schedule("llamagen", GPTConfig.preset("GPT-L").to_dict(), 256) == ((1, 81), 130)
+    assert default_schedule("var", PRESETS["d16"].to_dict(), 10) == ((1, 6), 5)
+    assert default_schedule("var", PRESETS["d20"].to_dict(), 10) == ((1, 5), 4)
+    assert default_schedule("llamagen", TINY["llamagen"][0], 16) == ((1, 6), 5)
+    assert default_schedule("var", TINY["var"][0], 3) == ((1, 3), 2)
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_forward_shapes_make_xt_and_dd_step(tiny, family):
+    _, teacher, _ = tiny[family]
+    s = build_student(teacher).eval()
+    B, n, C, V = 3, teacher.num_tokens, teacher.embed_dim, teacher.vocab_size
+    assert s.step_offsets == teacher.step_offsets and s.num_tokens == n
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, V, (B, n), generator=g)
+    noise = torch.randn(B, n, C, generator=g)
+    t = torch.tensor([1, 2, teacher.num_steps])
+    x = make_xt(s.codebook[tokens], noise, t, s.step_offsets)
+    for b in range(B):
+        k = s.step_offsets[int(t[b]) - 1]
+        assert torch.equal(x[b, :k], s.codebook[tokens[b, :k]]) and torch.equal(x[b, k:], noise[b, k:])
+    labels = torch.tensor([0, 4, 9])
+    logits, emb = s(x, labels, t)
+    assert logits.shape == (B, n, V) and emb.shape == (B, n, C)
+    assert logits.dtype == emb.dtype == torch.float32
+    x_next, idx = dd_step(s, x, labels, t)
+    assert x_next.shape == (B, n, C) and idx.shape == (B, n) and idx.dtype == torch.int64
+    keep = s.data_mask(t)
+    assert torch.equal(x_next[keep], x[keep])                          # data positions kept
+    below = torch.arange(n) < s.step_offsets[s.config.split]
+    pred = ~keep & below[None]
+    assert torch.equal(x_next[pred], s.codebook[logits.argmax(-1)][pred])   # greedy logits head
+    emb_pos = ~keep & ~below[None]
+    assert torch.equal(x_next[emb_pos], emb[emb_pos])                       # unsnapped embedding head
+    assert torch.equal(idx, nearest_code(x_next.reshape(-1, C), s.codebook).view(B, n))
+    snapped, _ = dd_step(s, x, labels, t, snap=True)
+    assert torch.equal(snapped, s.codebook[nearest_code(snapped.reshape(-1, C), s.codebook)].view(B, n, C))
+    with pytest.raises(ValueError):
+        s(x, labels, torch.tensor([0, 1, 1]))
+
+
+def _changed(s, x, labels, t, j, scale=3.0):
+    """[n] bool: which outputs (logits or emb) move when input token j is perturbed."""
+    with torch.no_grad():
+        lo, em = s(x, labels, t)
+        x2 = x.clone()
+        x2[:, j] += scale
+        lo2, em2 = s(x2, labels, t)
+    return ((lo2 - lo).abs().amax((0, 2)) > 1e-6) | ((em2 - em).abs().amax((0, 2)) > 1e-6)
+
+
+def test_llamagen_mask_is_causal(tiny):
+    s = build_student(tiny["llamagen"][1]).eval()
+    n = s.num_tokens
+    x, labels, t = torch.randn(2, n, 4), torch.tensor([1, 2]), torch.tensor([1, 5])
+    for j in (0, 5, n - 1):
+        ch = _changed(s, x, labels, t, j)
+        assert not ch[:j].any() and ch[j:].all(), (j, ch)
+
+
+def test_var_mask_strictly_earlier_scales_plus_self(tiny):
+    s = build_student(tiny["var"][1]).eval()
+    with torch.no_grad():          # the teacher's AdaLN gammas start at ~1e-5: make every path visible
+        for b in s.backbone.blocks:
+            b.ada_lin[1].bias.fill_(0.5)
+    offs = s.step_offsets                                             # (0, 1, 5, 14)
+    lv = level_ids(TINY["var"][0]["patch_nums"])                     # teacher scale of each token
+    x, labels, t = torch.randn(2, s.num_tokens, 4), torch.tensor([1, 2]), torch.tensor([1, 2])
+    for j in (0, 2, 6, 13):
+        ch = _changed(s, x, labels, t, j)
+        expect = (lv > lv[j]) | (torch.arange(s.num_tokens) == j)
+        assert torch.equal(ch, expect), (j, ch, expect)
+    # the buffer itself: level(q) > level(k) or q == k, over 1 + n slots (start slot at level 0)
+    levels = level_ids((1,) + tuple(TINY["var"][0]["patch_nums"]))
+    bias = s.backbone.attn_bias_for_masking[0, 0]
+    see = bias == 0
+    assert torch.equal(see, (levels[:, None] > levels[None, :]) | torch.eye(len(levels), dtype=torch.bool))
+    assert offs[-1] + 1 == bias.shape[0]
+
+
+# ---- initialisation from the teacher -------------------------------------------------------------
+def test_llamagen_init_reproduces_teacher_logits(tiny):
+    """Type embedding zeroed, every token data: student output i (slot i + 1, token i's RoPE cell) is the
+    teacher's logits for token i + 1, because the least-squares tok_embeddings reproduce the teacher's
+    table exactly when it lies in the span of [codebook, 1], and everything else is the teacher's."""
+    _, teacher, _ = tiny["llamagen"]
+    s = build_student(teacher).eval()
+    gpt, net = teacher.gpt, s.backbone
+    for name in ("cls_embedding", "layers", "norm", "output"):
+        for (k, a), (_, b) in zip(getattr(net, name).state_dict().items(), getattr(gpt, name).state_dict().items()):
+            assert torch.equal(a, b), f"{name}.{k}"
+    torch.testing.assert_close(net.tok_embeddings(s.codebook), gpt.tok_embeddings.weight, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        net.n_d_embed.weight.zero_()
+        g = torch.Generator().manual_seed(2)
+        tokens = torch.randint(0, 64, (3, s.num_tokens), generator=g)
+        labels = torch.tensor([0, 3, 10])                              # 10 = the null class row
+        t = torch.full((3,), s.num_steps + 1)                          # all data
+        logits, _ = s(s.codebook[tokens], labels, t)
+        ref = teacher.logits(labels, tokens)                           # row i predicts token i
+    torch.testing.assert_close(logits[:, :-1], ref[:, 1:], rtol=0, atol=1e-4)
+
+
+def test_var_init_weight_mapping_and_start_slot(tiny):
+    """Every reused tensor is the teacher's (lvl/pos rows shifted by one after row 0, class 1 untouched),
+    and, with the type embeddings zeroed: (a) the start slot reproduces the teacher's first-scale logits
+    exactly (both masks let slot 0 see only itself, its input is the teacher's start token); (b) the
+    whole student is the teacher's blocks and heads run on [start, word_embed(x)] + the shifted
+    level/position tables under the DD mask."""
+    _, teacher, _ = tiny["var"]
+    var = teacher.var
+    s = build_student(teacher).eval()
+    net = s.backbone
+    tsd = var.state_dict()
+    for k, v in net.state_dict().items():
+        if k in ("pos_1LC", "lvl_embed.weight"):
+            continue
+        if k in tsd:
+            assert torch.equal(v, tsd[k]), k
+    for mine, theirs in ((net.lvl_embed.weight[None], var.lvl_embed.weight[None]), (net.pos_1LC, var.pos_1LC)):
+        assert torch.equal(mine[:, 0], theirs[:, 0]) and torch.equal(mine[:, 2:], theirs[:, 1:])
+        assert not torch.equal(mine[:, 1], theirs[:, 0])               # the new first token's row is fresh
+    assert torch.equal(net.class_emb.weight, var.class_emb.weight)    # (the release clobbers class 1)
+
+    with torch.no_grad():
+        net.n_d_embed.weight.zero_()
+        for lin in net.layerwise_n_d_embed:
+            lin.bias.zero_()
+        g = torch.Generator().manual_seed(3)
+        tokens = torch.randint(0, 64, (2, s.num_tokens), generator=g)
+        labels = torch.tensor([1, 7])
+        x = torch.randn(2, s.num_tokens, 4, generator=g)
+        t = torch.tensor([1, 2])
+        h, cond = net.hidden(x, labels, s.data_mask(t))
+        start_logits = net.head(net.head_nm(h[:, :1], cond)).float()
+        torch.testing.assert_close(start_logits, teacher.logits(labels, tokens)[:, :1], rtol=0, atol=1e-5)
+
+        levels = level_ids((1,) + tuple(var.patch_nums))
+        lvl = torch.cat([var.lvl_embed.weight[:1], net.lvl_embed.weight[1:2], var.lvl_embed.weight[1:]])
+        pos = torch.cat([var.pos_1LC[:, :1], net.pos_1LC[:, 1:2], var.pos_1LC[:, 1:]], dim=1)
+        cond_t = var.class_emb(labels)
+        seq = torch.cat([cond_t[:, None] + var.pos_start, var.word_embed(x)], dim=1) + lvl[levels] + pos
+        ref = var.get_logits(var.hidden(seq, cond_t, attn_bias=dd_attn_bias(levels)), cond_t)[:, 1:]
+        logits, _ = s(x, labels, t)
+    torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
+
+
+# ---- the released layout and numerics --------------------------------------------------------------
+@pytest.mark.parametrize("name,family,preset,C", [("LlamaGen-DD-B", "llamagen", "GPT-B", 8),
+                                                   ("LlamaGen-DD-L", "llamagen", "GPT-L", 8),
+                                                   ("VAR-DD-d16", "var", "d16", 32)])
+def test_official_layout_manifests(name, family, preset, C):
+    from distilled_decoding.student import backbone_class
+    from teachers.llamagen import GPTConfig
+    from teachers.var import PRESETS
+    ref = MANIFEST[name]
+    model = GPTConfig.preset(preset).to_dict() if family == "llamagen" else PRESETS[preset].to_dict()
+    with torch.device("meta"):
+        net = backbone_class(family).build(model, C)
+    got = {k: list(v.shape) for k, v in net.state_dict().items()}
+    expected = {k: v for k, v in ref["keys"].items() if k not in ref["buffers"]}
+    assert got == expected
+    assert sum(p.numel() for p in net.parameters()) == ref["num_elements"]
+
+
+@pytest.fixture(scope="module")
+def official():
+    return torch.load(FIXTURE, weights_only=True)
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_load_official_matches_released_forward(official, tmp_path, family):
+    """Released key layout and nesting, strict load, and forward parity with the released code
+    (fixture from tools/dd_parity_fixture.py; the release's t is ours minus one)."""
+    fx = official[family]
+    cfg, tok_cfg, _ = TINY[family]
+    assert fx["config"] == cfg
+    teacher = TeacherSpec(family, cfg, tokenizer_config=tok_cfg).load("cpu")
+    sd = fx["state_dict"]
+    nest = {"ema": sd, "model": {}} if family == "llamagen" else {"trainer": {"ema_parameters": sd, "var_wo_ddp": {}}}
+    path = tmp_path / "released.pt"
+    torch.save(nest, path)
+    s = load_official(str(path), teacher)
+    assert s.config.timesteps == default_schedule(family, cfg, teacher.num_steps)[0]
+    with torch.no_grad():
+        logits, emb = s(fx["x"], fx["labels"], fx["t_code"] + 1)
+    torch.testing.assert_close(logits, fx["logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(emb, fx["emb"], rtol=0, atol=1e-5)
+    # strict: a missing tensor is an error, not silently random memory
+    bad = dict(sd)
+    bad.pop("n_d_embed.weight")
+    raw = {"model": bad} if family == "llamagen" else {"trainer": {"var_wo_ddp": bad}}
+    torch.save(raw, path)
+    with pytest.raises(CheckpointMismatchError, match="n_d_embed.weight"):
+        load_official(str(path), teacher, ema=False)
+
+
+# ---- runs --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_save_run_load_run_round_trip(tiny, tmp_path, family):
+    spec, teacher, _ = tiny[family]
+    s = build_student(teacher, timesteps=(1, 2), split=1, seed=5)
+    ema = build_student(teacher, seed=6)
+    save_run(str(tmp_path), s, ema.backbone.state_dict(), s.config, {"teacher": spec.to_dict()})
+    info = json.loads((tmp_path / "config.json").read_text())
+    assert TeacherSpec.from_dict(info["teacher"]) == spec
+    assert StudentConfig.from_dict(info["student"]) == s.config
+    x, labels, t = torch.randn(2, s.num_tokens, 4), torch.tensor([1, 2]), torch.tensor([1, 2])
+    for use_ema, ref in ((True, ema), (False, s)):
+        got, run_info = load_run(str(tmp_path), "cpu", ema=use_ema)
+        assert isinstance(got, DDStudent) and got.config == s.config and run_info["teacher"] == info["teacher"]
+        assert torch.equal(got.codebook, s.codebook)
+        with torch.no_grad():
+            for a, b in zip(got(x, labels, t), ref.eval()(x, labels, t)):
+                assert torch.equal(a, b)
+
+
+def test_timestep_draws_are_uniform_and_keyed_by_position():
+    ts = (1, 81)
+    draws = [sample_timestep(ts, 0, 0, i) for i in range(4000)]
+    assert set(draws) == {1, 81} and abs(draws.count(1) / 4000 - 0.5) < 0.03
+    assert draws[:50] != [sample_timestep(ts, 0, 1, i) for i in range(50)]       # epoch matters
+    assert draws[:50] == [sample_timestep(ts, 0, 0, i) for i in range(50)]
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_training_cuts_the_loss(tiny, tmp_path, family):
+    _, _, data = tiny[family]
+    last = train(args_for(data, tmp_path / "run", batch_size=16, max_steps=150, lr=3e-3, ema_decay=0.99,
+                          ckpt_every=150), log=lambda s: None)
+    losses = [m["loss"] for m in metrics(tmp_path / "run")]
+    first, final = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+    print(f"{family}: loss {first:.4f} -> {final:.4f} (ratio {final / first:.3f}); ce {last['ce']:.3f}, emb {last['emb']:.4f}")
+    assert final < 0.35 * first
+    run = tmp_path / "run"
+    for f in ("config.json", "student.safetensors", "student_raw.safetensors", "codebook.safetensors"):
+        assert (run / f).exists(), f
+    info = json.loads((run / "config.json").read_text())
+    assert info["step"] == 150 and info["train"]["emb_loss"] == "mse" and info["data"]["num_samples"] == NUM_PAIRS
+    s, _ = load_run(str(run))
+    assert s.config.timesteps == default_schedule(family, TINY[family][0], s.num_steps)[0]
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_resume_gives_identical_next_losses(tiny, tmp_path, family):
+    _, _, data = tiny[family]
+    # 20 steps of 8 over 128 pairs: the stream crosses an epoch boundary after step 16
+    train(args_for(data, tmp_path / "a", max_steps=20, ckpt_every=100), log=lambda s: None)
+    train(args_for(data, tmp_path / "b", max_steps=12, ckpt_every=6), log=lambda s: None)
+    with pytest.raises(FileExistsError):
+        train(args_for(data, tmp_path / "b", max_steps=20), log=lambda s: None)
+    with pytest.raises(ValueError, match="batch_size"):
+        train(args_for(data, tmp_path / "b", max_steps=20, batch_size=4, resume=True), log=lambda s: None)
+    train(args_for(data, tmp_path / "b", max_steps=20, ckpt_every=6, resume=True), log=lambda s: None)
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [m["step"] for m in b] == list(range(1, 21))
+    for ma, mb in zip(a, b):
+        assert (ma["loss"], ma["grad_norm"]) == (mb["loss"], mb["grad_norm"]), (ma, mb)
+    ckpts = sorted(os.listdir(tmp_path / "b" / "checkpoints"))
+    assert ckpts == ["step-00000018", "step-00000020"]               # --keep-checkpoints 2
+
+
+def test_gradient_accumulation_matches_the_full_batch(tiny, tmp_path):
+    _, _, data = tiny["var"]
+    train(args_for(data, tmp_path / "a", max_steps=3), log=lambda s: None)
+    train(args_for(data, tmp_path / "b", max_steps=3, grad_accum=4), log=lambda s: None)
+    for ma, mb in zip(metrics(tmp_path / "a"), metrics(tmp_path / "b")):
+        assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5, abs=1e-7)
+        assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_rank_torchrun_matches_one_rank(tiny, tmp_path):
+    """`dd train` under torchrun (gloo, 2 ranks) logs the losses and global gradient norms of a
+    1-rank run on the same global batches."""
+    _, _, data = tiny["llamagen"]
+    train(args_for(data, tmp_path / "one", max_steps=3), log=lambda s: None)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "distilled_decoding", "train", "--data", data,
+           "--out", str(tmp_path / "two"), "--batch-size", "8", "--max-steps", "3", "--log-every", "1",
+           "--num-workers", "0", "--lr", "1e-3", "--ema-decay", "0.9", "--device", "cpu", "--no-progress"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "batch 8 = 2 rank(s) x 1 accum x 4" in r.stdout + r.stderr
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    s1, _ = load_run(str(tmp_path / "one"), ema=False)
+    s2, _ = load_run(str(tmp_path / "two"), ema=False)
+    for (k, a), b in zip(s1.backbone.state_dict().items(), s2.backbone.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_dd_loss_reads_only_noise_positions():
+    """Both loss terms see only positions >= step_offsets[t - 1]: the gradient w.r.t. the outputs at
+    data positions is zero; the student gets X_t = make_xt(codebook[tokens], noise, t)."""
+    g = torch.Generator().manual_seed(0)
+    B, n, C, V = 2, 6, 3, 5
+    offsets = (0, 1, 3, 6)
+    codebook = torch.randn(V, C, generator=g)
+    noise, tokens = torch.randn(B, n, C, generator=g), torch.randint(0, V, (B, n), generator=g)
+    t = torch.tensor([1, 3])
+    logits = torch.randn(B, n, V, generator=g, requires_grad=True)
+    emb = torch.randn(B, n, C, generator=g, requires_grad=True)
+    seen = {}
+
+    def fake_student(x, labels, tt):
+        seen["x"] = x
+        return logits, emb
+
+    loss, parts = dd_loss(fake_student, noise, tokens, torch.zeros(B, dtype=torch.long), t, codebook=codebook,
+                          step_offsets=offsets, lambda_ce=0.1, lambda_emb=1.0)
+    assert torch.equal(seen["x"], make_xt(codebook[tokens], noise, t, offsets))
+    loss.backward()
+    data = torch.tensor([[False] * 6, [True] * 3 + [False] * 3])
+    assert (logits.grad[data] == 0).all() and (emb.grad[data] == 0).all()
+    assert (logits.grad[~data].abs().sum(-1) > 0).all() and (emb.grad[~data].abs().sum(-1) > 0).all()
+    ce = torch.nn.functional.cross_entropy(logits[1, 3:], tokens[1, 3:])
+    torch.testing.assert_close(parts["ce"][1], ce.detach())
+    torch.testing.assert_close(parts["emb"][1], (emb[1, 3:] - codebook[tokens[1, 3:]]).pow(2).mean().detach())
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_lpips_loss_decodes_through_the_teacher(tiny, monkeypatch, family):
+    """The LPIPS path with a stand-in `lpips` module: the student's embeddings reach the image loss
+    through the teacher's (differentiable) VQ decoder; a missing package gives a clear message."""
+    import click
+    import types
+    from distilled_decoding.train import make_emb_loss
+    _, teacher, _ = tiny[family]
+    monkeypatch.setitem(sys.modules, "lpips", None)
+    with pytest.raises(click.ClickException, match="torchvision"):
+        make_emb_loss("lpips", teacher)
+
+    class LPIPS(torch.nn.Module):
+        def __init__(self, net="alex", verbose=True):
+            super().__init__()
+
+        def forward(self, a, b):                                       # [B, 3, H, W] in [-1, 1] -> [B, 1, 1, 1]
+            assert a.min() >= -1 and a.max() <= 1
+            return (a - b).pow(2).mean((1, 2, 3), keepdim=True)
+
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=LPIPS))
+    fn, desc = make_emb_loss("lpips", teacher)
+    assert desc.startswith("lpips (vgg)")
+    s = build_student(teacher)
+    g = torch.Generator().manual_seed(0)
+    n = s.num_tokens
+    noise, tokens = torch.randn(2, n, 4, generator=g), torch.randint(0, 64, (2, n), generator=g)
+    target = s.codebook[tokens]
+    mask = s.data_mask(torch.tensor([1, 2])).logical_not()
+    assert torch.equal(fn(target, target, mask), torch.zeros(2))
+    loss, parts = dd_loss(s, noise, tokens, torch.tensor([1, 2]), torch.tensor([1, 2]), codebook=s.codebook,
+                          step_offsets=s.step_offsets, emb_loss=fn)
+    loss.backward()
+    assert (parts["emb"] > 0).all()
+    assert s.backbone.final_layer_conti.linear.weight.grad.abs().sum() > 0
