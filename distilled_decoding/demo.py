@@ -1,0 +1,191 @@
+"""`dd demo` (what `make demo` runs): the whole DD pipeline on a shipped digits teacher.
+
+    build-dataset -> train -> sample (teacher, DD 1-step, DD 2-step, teacher-mixed, skip-N, onestep*)
+    -> eval -> a table in the style of the paper's Table 1, and a comparison grid.
+
+Every stage is the real `dd` verb, run in-process with the command line printed first, so the log
+doubles as a recipe for a real teacher. FID is measured with the zoo's digits classifier features
+(the Inception network means nothing on 16x16 digits) against the held-out real digits and against
+the teacher's own samples; class accuracy is that classifier's agreement with the requested label.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import time
+from typing import Callable, List, Optional
+
+import click
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSize:
+    """How much work each stage does. `make demo` must finish in 10 minutes on 2 CPU cores."""
+
+    num_pairs: int         # (noise, tokens) pairs made by the teacher + flow map
+    train_steps: int
+    batch_size: int        # training batch
+    lr: float
+    ema_decay: float       # short runs need a short EMA horizon
+    num_samples: int       # images per method for the table
+    sample_batch: int = 250
+
+
+SIZES = {
+    # Measured on the 2-core CI machine (see README): default fits `make demo` in its 10 minutes.
+    "default": DemoSize(num_pairs=8000, train_steps=1500, batch_size=64, lr=1e-3, ema_decay=0.995,
+                        num_samples=1000),
+    # The test suite's miniature: every stage runs, numbers are meaningless.
+    "tiny": DemoSize(num_pairs=256, train_steps=30, batch_size=32, lr=1e-3, ema_decay=0.9,
+                     num_samples=100, sample_batch=100),
+    # tools/run_table.py: a longer budget for the README table.
+    "large": DemoSize(num_pairs=30000, train_steps=8000, batch_size=128, lr=1e-3, ema_decay=0.999,
+                      num_samples=2000),
+}
+
+
+def run_dd(args: List[str], log: Callable[[str], None] = click.echo) -> None:
+    """Run one `dd` verb in-process, printing its command line first."""
+    from .cli import main
+
+    log("\n$ dd " + " ".join(shlex.quote(a) for a in args))
+    main.main(args=args, prog_name="dd", standalone_mode=False)
+
+
+def _timing(path: str) -> dict:
+    with open(os.path.join(path, "timing.json")) as f:
+        return json.load(f)
+
+
+def evaluate(sample_dirs: dict, real_images, real_labels, extractor, teacher_key: str = "teacher") -> dict:
+    """Features of every method's samples.npz -> {key: {fid_real, fid_teacher, acc}}.
+
+    real_images: [N, 3, H, W] float in [0, 1]; extractor: a metrics.FeatureExtractor with logits.
+    """
+    import torch
+    from .metrics import extract_features, feature_stats, frechet_distance, open_source
+
+    with torch.no_grad():
+        real_feats, _ = extractor.features_and_logits(real_images.to(extractor.device), want_logits=False)
+    mu_r, s_r = feature_stats(real_feats.cpu().numpy())
+    feats, accs = {}, {}
+    for key, d in sample_dirs.items():
+        path = os.path.join(d, "samples.npz")
+        f, lg = extract_features(extractor, open_source(path), batch_size=250, desc=key)
+        labels = np.load(path)["arr_1"]
+        feats[key] = f
+        accs[key] = float((lg.argmax(1) == labels).mean())
+    mu_t, s_t = feature_stats(feats[teacher_key])
+    out = {}
+    for key, f in feats.items():
+        mu, s = feature_stats(f)
+        # max(0, .): sqrtm round-off makes identical sets come out at -1e-13, printed as "-0.00"
+        out[key] = {"fid_real": max(0.0, float(frechet_distance(mu, s, mu_r, s_r))),
+                    "fid_teacher": max(0.0, float(frechet_distance(mu, s, mu_t, s_t))),
+                    "acc": accs[key]}
+    return out
+
+
+def format_table(rows: List[dict], title: str) -> str:
+    """Markdown table in the layout of the paper's Table 1."""
+    head = ("| method | steps | FID vs real ↓ | FID vs teacher ↓ | class acc. ↑ | ms / image | speed-up |\n"
+            "|---|---:|---:|---:|---:|---:|---:|")
+    lines = [f"**{title}**", "", head]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['steps']} | {r['fid_real']:.2f} | {r['fid_teacher']:.2f} | "
+                     f"{100 * r['acc']:.1f}% | {1e3 * r['s_per_image']:.2f} | {r['speedup']:.1f}× |")
+    return "\n".join(lines)
+
+
+def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
+             log: Callable[[str], None] = click.echo) -> dict:
+    """Run the pipeline into `out` and return {"rows": [...], "table": markdown}. Re-running reuses
+    the finished data set and training run (both resume) and re-draws the samples."""
+    from teachers import load_teacher
+    from teachers.zoo import digits_data, digits_extractor
+    from .sampling import default_regen
+    from .student import read_run_config
+
+    name = f"digits-{family}"
+    teacher = load_teacher(name, device=device)
+    S = teacher.num_steps
+    data, run, smp = (os.path.join(out, d) for d in ("data", "run", "samples"))
+    t0 = time.perf_counter()
+    run_dd(["build-dataset", "--teacher", name, "--out", data, "--num-samples", str(size.num_pairs),
+            "--batch-size", "500", "--shard-size", "2000", "--seed", str(seed), "--device", device], log)
+    t_data = time.perf_counter() - t0
+    train = ["train", "--data", data, "--out", run, "--max-steps", str(size.train_steps),
+             "--batch-size", str(size.batch_size), "--lr", str(size.lr), "--ema-decay", str(size.ema_decay),
+             "--ckpt-every", str(size.train_steps), "--log-every", "100", "--num-workers", "0",
+             "--seed", str(seed), "--device", device]
+    if os.path.exists(os.path.join(run, "config.json")) or os.path.isdir(os.path.join(run, "checkpoints")):
+        train.append("--resume")
+    run_dd(train, log)
+    t_train = time.perf_counter() - t0 - t_data
+
+    trained = tuple(read_run_config(run)["student"]["timesteps"])
+    a, b = default_regen(trained)
+    n_skip = S // 2
+    # Samples use noise and labels the student never saw in training (another seed).
+    common = ["--num-samples", str(size.num_samples), "--batch-size", str(size.sample_batch),
+              "--seed", str(seed + 1000), "--labels", "balanced", "--device", device, "--warmup"]
+    methods = [
+        ("teacher", f"teacher ({S}-step AR)", S, ["--run", run, "--baseline", "teacher"]),
+        ("dd1", "DD 1-step", 1, ["--run", run, "--steps", "1"]),
+        ("dd2", f"DD 2-step (t = {','.join(map(str, trained))})", 2, ["--run", run, "--steps", "2"]),
+        ("mixed", f"DD teacher-mixed pre-trained-{a}-{b}", (b - a) + (2 if a > 1 else 1),
+         ["--run", run, "--regen", f"{a}:{b}"]),
+        ("skip", f"teacher skip-{n_skip}", S - n_skip, ["--run", run, "--baseline", f"skip-{n_skip}"]),
+        ("onestep", "onestep* (token marginals)", 1, ["--data", data, "--baseline", "onestep"]),
+    ]
+    dirs = {}
+    for key, _, _, extra in methods:
+        dirs[key] = os.path.join(smp, key)
+        run_dd(["sample", "--out", dirs[key]] + extra + common, log)
+    compare = os.path.join(out, "compare.png")
+    run_dd(["sample", "--run", run, "--compare", "--out", os.path.join(smp, "compare"), "--num-samples", "10",
+            "--labels", ",".join(map(str, range(teacher.num_classes))), "--device", device], log)
+    os.replace(os.path.join(smp, "compare", "compare.png"), compare)
+
+    real, real_labels = digits_data("test")
+    scores = evaluate(dirs, real, real_labels, digits_extractor(device))
+    t_teacher = _timing(dirs["teacher"])["seconds_per_image"]
+    rows = []
+    for key, label, steps, _ in methods:
+        spi = _timing(dirs[key])["seconds_per_image"]
+        rows.append({"key": key, "method": label, "steps": steps, "s_per_image": spi,
+                     "speedup": t_teacher / spi if spi > 0 else float("inf"), **scores[key]})
+    title = (f"{name}: {size.num_pairs} pairs, {size.train_steps} training steps, {size.num_samples} samples "
+             f"per method, FID on digits-classifier features vs {real.shape[0]} held-out digits")
+    table = format_table(rows, title)
+    info = {"family": family, "size": dataclasses.asdict(size), "seed": seed, "device": device,
+            "seconds": {"build_dataset": t_data, "train": t_train, "total": time.perf_counter() - t0},
+            "rows": rows, "table": table, "compare": compare}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    return info
+
+
+@click.command("demo")
+@click.option("--family", type=click.Choice(["llamagen", "var"]), default="llamagen", show_default=True,
+              help="Which shipped digits teacher to distil.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Output directory. Default: demo_out/<family>.")
+@click.option("--size", "size_name", type=click.Choice(sorted(SIZES)), default="default", show_default=True,
+              help="Work budget: default fits `make demo` (~10 min on 2 CPU cores).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True)
+def demo_cmd(family, out, size_name, seed, device):
+    """Run build-dataset -> train -> sample -> eval on a shipped digits teacher; print a Table 1."""
+    out = out or os.path.join("demo_out", family)
+    info = run_demo(family, out, SIZES[size_name], seed=seed, device=device)
+    s = info["seconds"]
+    click.echo(f"\n{info['table']}\n")
+    click.echo(f"build-dataset {s['build_dataset']:.0f}s, train {s['train']:.0f}s, total {s['total']:.0f}s. "
+               f"Comparison grid (rows teacher / DD-1 / DD-2 / teacher-mixed): {info['compare']}")
+    click.echo(f"Table: {os.path.join(out, 'table.md')}, all numbers: {os.path.join(out, 'results.json')}")
