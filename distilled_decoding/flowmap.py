@@ -1,0 +1,313 @@
+"""The per-token flow-matching map: noise ε ∈ R^C  ->  a codebook index distributed as p.
+
+DD replaces each multinomial draw of the teacher by a deterministic map. For one token with next-token
+distribution p over the codebook {c_j} ⊂ R^C, the data distribution is the Dirac mixture Σ_j p_j δ(c_j).
+Interpolating x_t = t·x1 + (1 − t)·x0 (x0 ~ N(0, I), t = 0 noise, t = 1 data) gives the flow ODE whose
+time-1 map pushes N(0, I) onto that mixture. Its data prediction is exact and cheap:
+
+    D(x, t) = E[x1 | x_t = x] = Σ_j w_j c_j,
+    log w_j = log p_j + (t·x·c_j − ½t²‖c_j‖²)/(1 − t)² + const(x)      (p_j = 0 -> w_j = 0)
+
+(x_t | x1 = c_j ~ N(t·c_j, (1 − t)² I); the ‖x‖² term is constant in j and dropped, which avoids the
+cancellation). We integrate dx/dλ = t·(D − x) with multistep DPM-Solver++ (`dpm_solver.py`) from
+t_start to t_end and snap x/t_end to the nearest code (squared L2, as DD does) among the token's codes
+with p > 0 (identical whenever the solve is accurate; it keeps a failed solve from emitting a token
+the teacher could never sample).
+
+Start: x(t_start) = ε. The exact state is x(t_start) = ε + ∫_0^{t_start} (D − x)/(1 − t) dt
+= ε + t_start·(μ − ε) + O(t_start²) with μ = Σ_j p_j c_j: starting at ε moves a trajectory by
+t_start·‖μ − ε‖ (~3e-3 for C = 8), so a token changes code only if its ε lies that close to a
+boundary between the cells the exact map sends to different codes (cells of p_j Gaussian mass each).
+Measured (tools/bench_flowmap.py): DOP853 solves from x(1e-3) = ε and from t = 0 agree on 256/256
+tokens for both codebook shapes; the remaining error of the 10-NFE map is the solver's.
+End: at t_end = 1 − 1e-3 the posterior has long collapsed to one code; x/t_end sits about
+(1 − t_end)/t_end·‖x0‖ ≈ 1e-3·√C from it, far below half the smallest code spacing (0.048 for a
+random 16384 x 8 l2-normalised codebook). A codebook with near-duplicate codes needs t_end closer to 1.
+
+Defaults (FlowMapConfig) were chosen with tools/bench_flowmap.py; see the README's flow-map section.
+
+Memory: the logits are [tokens, V] (V = 16384 for LlamaGen). `solve_flow` solves tokens in row chunks
+sized from `mem_budget_mb` (each row holds its log p [V] plus two [V_CHUNK] logit buffers) and
+`denoise` reduces over V in fixed chunks of V_CHUNK codes with an online log-sum-exp, so no dense
+[B, k, V] fp32 tensor beyond the budget is ever built (the caller's `probs` aside).
+
+Determinism: tokens never interact, and the V chunking is a constant (V_CHUNK), so each token's
+reduction over V runs in the same order whatever the batch. Batch size and budget change only how many
+rows share one matmul, which may change the BLAS kernel and so rounding at the 1e-7 level. An index
+can change only if its ε lies within ~1e-6 of a cell boundary: the fp32 and fp64 solves (a
+perturbation at least as large) give the same index on 256/256 tokens per codebook, and the tests
+require identical indices across batch shapes, orders, row chunks and V-chunk sizes.
+
+Teacher-agnostic: inputs are plain tensors (probs: [B, k, V], rows summing to 1, e.g. a teacher's
+`step_probs`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from .dpm_solver import SPACINGS, VARIANTS, dpm_solver_pp, timesteps
+
+# Codes per chunk of the reduction over V. A constant on purpose: the order of the online log-sum-exp
+# must not depend on batch size or memory budget (see "Determinism" above).
+V_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class FlowMapConfig:
+    """How the per-token flow ODE is solved. Saved with every dataset built from it (`to_dict`)."""
+
+    nfe: int = 10                   # denoiser evaluations per token (DD: 10)
+    order: int = 3                  # multistep DPM-Solver++ order (1, 2, 3)
+    spacing: str = "time_quadratic"  # "logsnr" | "time_uniform" | "time_quadratic" (dense near data)
+    t_start: float = 1e-3           # x(t_start) = ε; λ = −6.9
+    t_end: float = 1.0 - 1e-3       # snap x/t_end to the nearest code; λ = +6.9
+    variant: str = "exact"          # "exact" (2·φ3) or "official" (dpm-solver @52bc3fb, φ3)
+    lower_order_final: bool = True  # last step order 1, the one before ≤ 2 (see dpm_solver_pp)
+    mem_budget_mb: float = 256.0    # per-call working memory for logits and log p
+
+    def __post_init__(self):
+        if self.nfe < 1:
+            raise ValueError(f"nfe must be >= 1, got {self.nfe}")
+        if self.order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3, got {self.order}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {self.spacing!r}; choose from {SPACINGS}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; choose from {VARIANTS}")
+        if not 0.0 < self.t_start < self.t_end < 1.0:
+            raise ValueError(f"need 0 < t_start < t_end < 1, got {self.t_start}, {self.t_end}")
+        if self.mem_budget_mb <= 0:
+            raise ValueError(f"mem_budget_mb must be positive, got {self.mem_budget_mb}")
+
+    def timesteps(self) -> torch.Tensor:
+        """float64 [nfe + 1] solver times."""
+        return timesteps(self.nfe, self.t_start, self.t_end, self.spacing)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- the Dirac-mixture denoiser ------------------------------------------------------------------
+def _logit_scales(t: float) -> Tuple[float, float]:
+    """(a, b) with logits = log p + a·x·c − b·‖c‖²: a = t/(1 − t)², b = ½t²/(1 − t)²."""
+    inv = 1.0 / ((1.0 - t) * (1.0 - t))
+    return t * inv, 0.5 * t * t * inv
+
+
+def _augment(codebook: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """codebook [V, C] -> ([c, ‖c‖²], [c, 1]), both [V, C + 1].
+
+    With them one addmm gives logits = log p + [a·x, −b]·[c, ‖c‖²] and one mm gives
+    [Σ w c, Σ w] = w·[c, 1]; fewer passes over the [rows, V_CHUNK] buffer.
+    """
+    csq = codebook.pow(2).sum(1, keepdim=True)
+    return torch.cat([codebook, csq], 1), torch.cat([codebook, torch.ones_like(csq)], 1)
+
+
+def posterior_logits(x: torch.Tensor, t: float, logp: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Dense unnormalised log posterior weights [N, V] (small problems and tests only).
+
+    x: [N, C]; logp: [N, V] (−inf where p = 0); codebook: [V, C]; 0 <= t < 1.
+    """
+    a, b = _logit_scales(t)
+    return logp + a * (x @ codebook.t()) - b * codebook.pow(2).sum(1)
+
+
+def _denoise(x: torch.Tensor, t: float, logp: torch.Tensor, cb_sq: torch.Tensor, cb_one: torch.Tensor,
+             v_chunk: int) -> torch.Tensor:
+    """D(x, t) [N, C] with an online log-sum-exp over fixed chunks of V (see `denoise`)."""
+    n, c = x.shape
+    a, b = _logit_scales(t)
+    xa = torch.cat([x * a, x.new_full((n, 1), -b)], 1)          # [N, C + 1]
+    m = x.new_full((n,), -math.inf)                                # running max of the logits
+    acc = x.new_zeros(n, c + 1)                                    # running [Σ w c, Σ w] at scale e^{−m}
+    for v0 in range(0, cb_sq.shape[0], v_chunk):
+        sl = slice(v0, v0 + v_chunk)
+        lg = torch.addmm(logp[:, sl], xa, cb_sq[sl].t())           # [N, Vc] log p + a x·c − b‖c‖²
+        m_new = torch.maximum(m, lg.amax(1))
+        shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # no support yet -> 0
+        lg.sub_(shift[:, None]).exp_()                            # weights at scale e^{−shift}
+        acc = acc * torch.exp(m - shift)[:, None] + lg @ cb_one[sl]
+        m = m_new
+    return acc[:, :c] / acc[:, c:]
+
+
+def denoise(x: torch.Tensor, t: float, logp: torch.Tensor, codebook: torch.Tensor,
+            v_chunk: int = V_CHUNK) -> torch.Tensor:
+    """Posterior mean D(x, t) = Σ_j softmax_j(logits) c_j of the Dirac mixture: [N, C].
+
+    x: [N, C]; logp: [N, V] log-probabilities (−inf where p = 0; every row needs some support);
+    codebook: [V, C]. Works in x's dtype; reduces over V in chunks of `v_chunk` codes with an online
+    log-sum-exp, so the working set is ~2·N·v_chunk numbers beyond the inputs.
+    """
+    cb_sq, cb_one = _augment(codebook.to(x.dtype))
+    return _denoise(x, t, logp.to(x.dtype), cb_sq, cb_one, v_chunk)
+
+
+# ---- nearest code ----------------------------------------------------------------------------------
+def _nearest(x: torch.Tensor, cb_sq: torch.Tensor, v_chunk: int,
+             support: Optional[torch.Tensor] = None, floor: float = 0.0) -> torch.Tensor:
+    """argmin_j ‖x − c_j‖² = argmin_j (‖c_j‖² − 2 x·c_j) over V chunks; ties -> the lowest index.
+    With support [N, V] (probabilities, floor 0, or log-probabilities, floor −inf), codes whose entry
+    is <= floor are excluded."""
+    n = x.shape[0]
+    xa = torch.cat([-2.0 * x, x.new_ones(n, 1)], 1)              # [N, C + 1]
+    best = x.new_full((n,), math.inf)
+    idx = torch.zeros(n, dtype=torch.int64, device=x.device)
+    for v0 in range(0, cb_sq.shape[0], v_chunk):
+        d = xa @ cb_sq[v0:v0 + v_chunk].t()                       # [N, Vc]
+        if support is not None:
+            d.masked_fill_(support[:, v0:v0 + v_chunk] <= floor, math.inf)
+        dmin, darg = d.min(1)
+        better = dmin < best                                       # strict: earlier chunk wins ties
+        best = torch.where(better, dmin, best)
+        idx = torch.where(better, darg + v0, idx)
+    return idx
+
+
+def _nearest_rows(v: int, mem_budget_mb: float, v_chunk: int = V_CHUNK, itemsize: int = 4) -> int:
+    """Rows of `nearest_code` per chunk: two [rows, v_chunk] distance buffers within the budget."""
+    return max(1, int(mem_budget_mb * 2**20) // (2 * min(v, v_chunk) * itemsize))
+
+
+@torch.no_grad()
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, probs: Optional[torch.Tensor] = None,
+                 mem_budget_mb: float = 256.0, v_chunk: int = V_CHUNK) -> torch.Tensor:
+    """Index of the nearest codebook row (squared L2) for each x: x [N, C], codebook [V, C] -> [N] int64.
+
+    probs: optional [N, V]; then only codes with p > 0 are candidates (the flow map's snap).
+    Chunked matmul on ‖c‖² − 2x·c (never a [N, V, C] broadcast). Computes in fp32, or fp64 if x is.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(dtype)
+    cb_sq, _ = _augment(codebook.to(device=x.device, dtype=dtype))
+    rows = _nearest_rows(codebook.shape[0], mem_budget_mb, v_chunk, x.element_size())
+    out = [_nearest(x[r:r + rows], cb_sq, v_chunk, None if probs is None else probs[r:r + rows].to(x.device))
+           for r in range(0, x.shape[0], rows)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=x.device)
+
+
+# ---- the batch map ---------------------------------------------------------------------------------
+def row_bytes(v: int, c: int, v_chunk: int = V_CHUNK, itemsize: int = 4) -> int:
+    """Working bytes per token row: log p [V], two [min(V, v_chunk)] logit buffers, and the solver's
+    state (x, three past D, the accumulator, ε, x_aug: ~8 vectors of C + 1) plus a few scalars."""
+    return itemsize * (v + 2 * min(v, v_chunk) + 8 * (c + 1) + 8)
+
+
+def chunk_rows(v: int, c: int, mem_budget_mb: float, v_chunk: int = V_CHUNK, itemsize: int = 4) -> int:
+    """Token rows per solve chunk so that rows·row_bytes + the augmented codebooks fit the budget."""
+    fixed = itemsize * 2 * v * (c + 1)
+    per_row = row_bytes(v, c, v_chunk, itemsize)
+    rows = (int(mem_budget_mb * 2**20) - fixed) // per_row
+    if rows < 1:
+        raise ValueError(f"mem_budget_mb={mem_budget_mb} is below one token's working set "
+                         f"({(fixed + per_row) / 2**20:.2f} MiB)")
+    return rows
+
+
+def _solve_rows(eps: torch.Tensor, probs: torch.Tensor, cb_sq: torch.Tensor, cb_one: torch.Tensor,
+                config: FlowMapConfig, ts: torch.Tensor, v_chunk: int, snap: bool) -> torch.Tensor:
+    """One chunk of token rows: eps [n, C] (compute dtype), probs [n, V] (any dtype) -> x(t_end) [n, C],
+    or with snap the nearest code with p > 0 to x(t_end)/t_end [n] int64."""
+    n, v = probs.shape
+    logp = torch.empty(n, v, dtype=eps.dtype, device=eps.device)               # [n, V]
+    for v0 in range(0, v, v_chunk):                                            # cast chunk by chunk
+        torch.log(probs[:, v0:v0 + v_chunk].to(device=eps.device, dtype=eps.dtype),
+                  out=logp[:, v0:v0 + v_chunk])
+    if not bool((logp.amax(1) > -math.inf).all()):
+        raise ValueError("every token needs some probability mass (a probs row is all zero)")
+
+    def denoise_fn(x, t):
+        return _denoise(x, t, logp, cb_sq, cb_one, v_chunk)
+
+    x = dpm_solver_pp(denoise_fn, eps, ts, order=config.order, variant=config.variant,
+                      lower_order_final=config.lower_order_final)
+    return _nearest(x / config.t_end, cb_sq, v_chunk, logp, -math.inf) if snap else x
+
+
+@torch.no_grad()
+def solve_flow(eps: torch.Tensor, probs: torch.Tensor, codebook: torch.Tensor,
+               config: FlowMapConfig = FlowMapConfig(), *, snap: bool = False,
+               v_chunk: int = V_CHUNK, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Integrate every token's flow ODE: eps [..., C], probs [..., V], codebook [V, C].
+
+    Returns x(t_end) [..., C], or with snap=True the indices [...] int64 of the nearest code to
+    x(t_end)/t_end among the token's codes with p > 0 (the plain nearest code whenever the solve is
+    accurate; the restriction keeps a failed solve from emitting a token the teacher cannot sample).
+    Runs on probs' device in `dtype` whatever the input dtypes (fp32; fp64 only to measure rounding).
+    Tokens are solved in row chunks that fit `config.mem_budget_mb`.
+    """
+    *lead, c = eps.shape
+    v = probs.shape[-1]
+    if tuple(probs.shape[:-1]) != tuple(lead) or tuple(codebook.shape) != (v, c):
+        raise ValueError(f"shape mismatch: eps {tuple(eps.shape)}, probs {tuple(probs.shape)}, "
+                         f"codebook {tuple(codebook.shape)} (want [..., C], [..., V], [V, C])")
+    dev = probs.device
+    eps2 = eps.reshape(-1, c).to(device=dev, dtype=dtype)                      # [N, C]
+    probs2 = probs.reshape(-1, v)                                               # [N, V] (a view if contiguous)
+    cb_sq, cb_one = _augment(codebook.to(device=dev, dtype=dtype))
+    ts = config.timesteps()
+    rows = chunk_rows(v, c, config.mem_budget_mb, v_chunk, eps2.element_size())
+    outs = []
+    for r in range(0, eps2.shape[0], rows):
+        outs.append(_solve_rows(eps2[r:r + rows], probs2[r:r + rows], cb_sq, cb_one, config, ts, v_chunk, snap))
+    if snap:
+        return torch.cat(outs).reshape(lead) if outs else torch.zeros(lead, dtype=torch.int64, device=dev)
+    return torch.cat(outs).reshape(*lead, c) if outs else eps2.reshape(*lead, c)
+
+
+def flow_map(eps: torch.Tensor, probs: torch.Tensor, codebook: torch.Tensor,
+             config: FlowMapConfig = FlowMapConfig()) -> torch.Tensor:
+    """The DD flow map: eps [B, k, C], probs [B, k, V], codebook [V, C] -> idx [B, k] int64.
+
+    idx is distributed as probs (up to solver error) when eps ~ N(0, I), and is a deterministic function
+    of (eps, probs): the same token gets the same index whatever batch it is solved in.
+    """
+    return solve_flow(eps, probs, codebook, config, snap=True)
+
+
+# ---- reference solve (tests, bench) ----------------------------------------------------------------
+def _ref_rhs(codes: np.ndarray, logp: np.ndarray, csq: np.ndarray):
+    def rhs(t, x):
+        a = t / (1.0 - t) ** 2
+        lg = logp + a * (codes @ x) - 0.5 * a * t * csq
+        w = np.exp(lg - lg.max())
+        d = (w @ codes) / w.sum()
+        return (d - x) / (1.0 - t)
+    return rhs
+
+
+def reference_flow_map(eps, probs, codebook, t_start: float = 0.0, t_end: float = 1.0 - 1e-3,
+                       rtol: float = 1e-10, return_x: bool = False, progress: bool = False):
+    """Float64 DOP853 solve of dx/dt = (D(x, t) − x)/(1 − t) from x(t_start) = eps, snapped like
+    `flow_map`. For a handful of tokens (one scipy solve each). t_start = 0 gives the exact map.
+
+    eps [..., C], probs [..., V], codebook [V, C] (tensors or arrays) -> idx [...] int64 tensor
+    (and x(t_end) [..., C] float64 with return_x=True). progress: a tqdm bar over the tokens.
+    """
+    from scipy.integrate import solve_ivp
+    from tqdm import tqdm
+
+    eps_np = np.asarray(torch.as_tensor(eps).detach().cpu(), dtype=np.float64)
+    probs_np = np.asarray(torch.as_tensor(probs).detach().cpu(), dtype=np.float64)
+    cb = np.asarray(torch.as_tensor(codebook).detach().cpu(), dtype=np.float64)
+    lead, c = eps_np.shape[:-1], eps_np.shape[-1]
+    eps_np, probs_np = eps_np.reshape(-1, c), probs_np.reshape(-1, cb.shape[0])
+    xs = np.empty_like(eps_np)
+    idx = np.empty(len(eps_np), dtype=np.int64)
+    for i in tqdm(range(eps_np.shape[0]), desc="DOP853 reference", disable=not progress, leave=False):
+        sup = np.flatnonzero(probs_np[i] > 0)                     # only the support matters
+        codes = cb[sup]
+        rhs = _ref_rhs(codes, np.log(probs_np[i, sup]), (codes * codes).sum(1))
+        sol = solve_ivp(rhs, (t_start, t_end), eps_np[i], method="DOP853", rtol=rtol, atol=rtol)
+        if not sol.success:
+            raise RuntimeError(f"reference solve failed on token {i}: {sol.message}")
+        xs[i] = sol.y[:, -1]
+        idx[i] = sup[((codes - xs[i] / t_end) ** 2).sum(1).argmin()]   # snap within the support, as flow_map
+    idx = torch.from_numpy(idx).reshape(lead)
+    return (idx, torch.from_numpy(xs.reshape(*lead, c))) if return_x else idx
