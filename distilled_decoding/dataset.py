@@ -692,10 +692,12 @@ _FLOW_MAP_OPTIONS = [
                  help="Solver end time, then snap to the nearest code (data at t = 1)."),
     click.option("--solver-variant", "variant", type=click.Choice(VARIANTS), default=_FM.variant,
                  show_default=True, help="Order-3 coefficient: exact, or as the official DPM-Solver code."),
+    click.option("--lower-order-final/--no-lower-order-final", "lower_order_final", default=_FM.lower_order_final,
+                 show_default=True, help="Lower the order over the last two steps (stabilises the long final step)."),
     click.option("--solver-mem-mb", "mem_budget_mb", type=float, default=_FM.mem_budget_mb, show_default=True,
                  help="Working memory of one flow-map call (does not change the data)."),
 ]
-_FLOW_MAP_FIELDS = ("nfe", "order", "spacing", "t_start", "t_end", "variant", "mem_budget_mb")
+_FLOW_MAP_FIELDS = ("nfe", "order", "spacing", "t_start", "t_end", "variant", "lower_order_final", "mem_budget_mb")
 
 
 def flow_map_options(f):

@@ -300,6 +300,10 @@ def register_extractor(name: str, factory: Union[ExtractorFactory, str], overwri
     EXTRACTORS[name] = factory
 
 
+# The zoo's digits classifier (128-d features + 10 logits), imported only when asked for.
+register_extractor("digits", "teachers.zoo:digits_extractor")
+
+
 def _import_attr(spec: str):
     mod, _, attr = spec.partition(":")
     obj = importlib.import_module(mod)

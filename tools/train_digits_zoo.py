@@ -1,0 +1,593 @@
+"""Train the tiny digits zoo (teachers/zoo): two tokenizers, two AR teachers and a classifier.
+
+    python tools/train_digits_zoo.py                       # train everything, write teachers/zoo/*
+    python tools/train_digits_zoo.py --eval-only --samples-png /tmp/zoo_samples.png
+
+Data: scikit-learn's bundled digits (`teachers.zoo.digits_data`): 8x8 images scaled to [0, 1],
+upscaled bilinearly to 16x16 and replicated to 3 channels; train = the first 1500 images of
+`load_digits()` in its bundled order, held-out test = the last 297. Augmentation: integer pixel
+shifts (zero fill) of the 16x16 images.
+
+What is trained, in order (each phase reseeds from --seed, so phases are reproducible on their own):
+  1. classifier   DigitsClassifier CNN, random shifts of up to 2 px; FID features = its 128-d
+                  pre-activation penultimate layer, class accuracy = its logits.
+  2. vq           LlamaGen-layout VQ (`VQModel`): 16x16 -> 8x8 = 64 tokens, l2-normalised codebook
+                  (C = 8), MSE + codebook/commitment losses with a straight-through estimator,
+                  unused codes restarted from encoder outputs.
+  3. vqvae        VAR-layout multi-scale VQ-VAE (`VQVAE`): 16x16 -> f 8x8, patch_nums (1,2,3,4,6,8);
+                  the official `VectorQuantizer2` training forward (residual quantisation over the
+                  scales, beta-weighted f_hat losses, straight-through), unused codes restarted.
+  4. gpt          LlamaGen-layout class-conditional GPT on the VQ tokens of the train split under
+                  the 9 shifts in {-1, 0, 1}^2, class dropout 0.1 (null class = 10) so CFG works.
+  5. var          VAR-layout transformer on the VQ-VAE tokens, same data, cond drop 0.1.
+Then samples of both teachers (their default sampling) are classified, and everything is written to
+teachers/zoo/: digits-{llamagen,var,classifier}.{safetensors,json}.
+
+Cost (measured, default settings, 1 thread, machine otherwise quiet): 543 s wall / 535 s CPU in all
+(classifier 26 s, VQ 65 s, VQ-VAE 55 s, GPT 197 s incl. encoding the 13.5k augmented images,
+VAR 184 s, sample evaluation 14 s). Results: classifier 98.3% held-out; held-out reconstruction MSE
+8.7e-4 (VQ, 30.6 dB) and 1.7e-3 (VQ-VAE, 27.7 dB); held-out NLL 1.93 (GPT) and 1.94 (VAR)
+nats/token; samples classified as their label 95.6% (LlamaGen) and 96.4% (VAR), 500 each.
+
+Determinism: fixed seeds, `torch.use_deterministic_algorithms(True)` and a fixed thread count
+(--threads, default 1: on a shared 2-core machine two OpenMP threads spin-wait and run
+3-10x slower). Bit-identical weights need the same torch build and thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from teachers import llamagen, var                                      # noqa: E402
+from teachers.base import SamplingConfig                                # noqa: E402
+from teachers.llamagen import GPT, GPTConfig                            # noqa: E402
+from teachers.llamagen_vq import VQConfig, VQModel                      # noqa: E402
+from teachers.var import VAR, VARConfig                                 # noqa: E402
+from teachers.var_vqvae import VQVAE, VQVAEConfig                       # noqa: E402
+from teachers import zoo                                                # noqa: E402
+from teachers.zoo import DATA_RULE, DigitsClassifier, digits_data       # noqa: E402
+
+PATCH_NUMS = (1, 2, 3, 4, 6, 8)
+
+# ---- configs (official hyper-parameter names) ---------------------------------------------------
+CLASSIFIER_CONFIG = dict(c1=32, c2=64, feature_dim=128, num_classes=10)
+VQ_CONFIG = dict(codebook_size=128, codebook_embed_dim=8, codebook_l2_norm=True, codebook_show_usage=True,
+                 commit_loss_beta=0.25, entropy_loss_ratio=0.0, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1],
+                 z_channels=32, dropout_p=0.0, ch=32, num_res_blocks=1)
+GPT_CONFIG = dict(dim=64, n_layer=3, n_head=4, multiple_of=32, vocab_size=128, block_size=64,
+                  num_classes=10, class_dropout_prob=0.1, cls_token_num=1, model_type="c2i",
+                  token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+VAE_CONFIG = dict(V=64, Cvae=8, ch=32, ch_mult=[1, 1], num_res_blocks=1, using_sa=True, using_mid_sa=True,
+                  using_znorm=False, quant_conv_ks=3, quant_resi=0.5, share_quant_resi=4,
+                  patch_nums=list(PATCH_NUMS))
+VAR_CONFIG = dict(depth=3, embed_dim=64, num_heads=4, mlp_ratio=4.0, norm_eps=1e-6, shared_aln=False,
+                  attn_l2_norm=True, cond_drop_rate=0.1, num_classes=10, patch_nums=list(PATCH_NUMS),
+                  V=64, Cvae=8)
+
+# DD's teacher sampling on these teachers (see the JSON's "sampling_note").
+LLAMAGEN_SAMPLING = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0)
+VAR_SAMPLING = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=0.95)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+class Timer:
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> dict:
+        return {"wall_s": round(time.perf_counter() - self.wall, 1), "cpu_s": round(time.process_time() - self.cpu, 1)}
+
+
+def seed_all(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Shift images [N, C, H, W] by (dy, dx) pixels, zero fill."""
+    if dy == 0 and dx == 0:
+        return x
+    H, W = x.shape[-2:]
+    out = torch.zeros_like(x)
+    ys, yd = (slice(0, H - dy), slice(dy, H)) if dy >= 0 else (slice(-dy, H), slice(0, H + dy))
+    xs, xd = (slice(0, W - dx), slice(dx, W)) if dx >= 0 else (slice(-dx, W), slice(0, W + dx))
+    out[..., yd, xd] = x[..., ys, xs]
+    return out
+
+
+def random_shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
+    """Per-image random integer shift in [-max_shift, max_shift]^2."""
+    if max_shift == 0:
+        return x
+    s = torch.randint(-max_shift, max_shift + 1, (x.shape[0], 2), generator=g)
+    out = torch.empty_like(x)
+    for dy in range(-max_shift, max_shift + 1):
+        for dx in range(-max_shift, max_shift + 1):
+            m = (s[:, 0] == dy) & (s[:, 1] == dx)
+            if m.any():
+                out[m] = shift(x[m], dy, dx)
+    return out
+
+
+def all_shifts(x: torch.Tensor, y: torch.Tensor, r: int = 1):
+    xs, ys = [], []
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            xs.append(shift(x, dy, dx))
+            ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def batches(n: int, bs: int, g: torch.Generator):
+    """Endless shuffled index batches of size bs (last partial batch of an epoch dropped)."""
+    while True:
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n - bs + 1, bs):
+            yield perm[i:i + bs]
+
+
+# ---- 1. classifier ------------------------------------------------------------------------------
+def train_classifier(args, xtr, ytr, xte, yte):
+    g = seed_all(args.seed + 1)
+    model = DigitsClassifier(**CLASSIFIER_CONFIG)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    it = batches(len(xtr), 64, g)
+    for step in range(args.clf_steps):
+        set_lr(opt, cosine_lr(step, args.clf_steps, 2e-3, 50))
+        idx = next(it)
+        x = random_shift(xtr[idx], 2, g)
+        x = (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+        loss = F.cross_entropy(model(x), ytr[idx], label_smoothing=0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(xte).argmax(1) == yte).float().mean().item()
+        acc_train = (model(xtr).argmax(1) == ytr).float().mean().item()
+    return model, {"test_accuracy": acc, "train_accuracy": acc_train}
+
+
+# ---- 2. LlamaGen VQ ----------------------------------------------------------------------------
+def vq_forward(vq: VQModel, x: torch.Tensor, beta: float):
+    """Training forward of the LlamaGen VQ: x in [-1, 1] -> (rec, vq loss, indices, normalised z)."""
+    z = vq.quant_conv(vq.encoder(x))                                         # [B, C, h, w]
+    B, C, h, w = z.shape
+    zf = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, C), dim=-1)          # [N, C]
+    e = vq.quantize.codebook()                                              # [V, C] normalised
+    with torch.no_grad():
+        idx = vq.quantize.nearest(zf)
+    zq = e[idx]
+    loss = F.mse_loss(zq, zf.detach()) + beta * F.mse_loss(zf, zq.detach())
+    zst = zf + (zq - zf).detach()
+    rec = vq.decoder(vq.post_quant_conv(zst.view(B, h, w, C).permute(0, 3, 1, 2)))
+    return rec, loss, idx, zf
+
+
+def restart_dead(weight: torch.Tensor, counts: torch.Tensor, pool: torch.Tensor, g: torch.Generator) -> int:
+    """Replace never-hit codebook rows by random rows of `pool` (plus a little noise)."""
+    dead = (counts == 0).nonzero().flatten()
+    if len(dead) == 0:
+        return 0
+    pick = torch.randint(0, pool.shape[0], (len(dead),), generator=g)
+    with torch.no_grad():
+        weight[dead] = pool[pick] + 0.01 * pool.std() * torch.randn(len(dead), pool.shape[1], generator=g)
+    return len(dead)
+
+
+def train_vq(args, xtr, xte):
+    g = seed_all(args.seed + 2)
+    cfg = VQConfig.from_dict(VQ_CONFIG)
+    vq = VQModel(cfg)
+    with torch.no_grad():   # official init: uniform(-1/V, 1/V), then l2-normalised
+        vq.quantize.embedding.weight.uniform_(-1 / cfg.codebook_size, 1 / cfg.codebook_size, generator=g)
+        vq.quantize.embedding.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=-1))
+    opt = torch.optim.Adam(vq.parameters(), lr=args.vq_lr, betas=(0.9, 0.95))
+    it = batches(len(xtr), args.vq_batch, g)
+    counts = torch.zeros(cfg.codebook_size)
+    restarted = 0
+    for step in range(args.vq_steps):
+        set_lr(opt, cosine_lr(step, args.vq_steps, args.vq_lr, 20))
+        x = random_shift(xtr[next(it)], 1, g) * 2 - 1
+        rec, vq_loss, idx, zf = vq_forward(vq, x, cfg.commit_loss_beta)
+        loss = F.mse_loss(rec, x) + vq_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        counts += torch.bincount(idx, minlength=cfg.codebook_size).float()
+        if (step + 1) % 25 == 0 and step < 0.8 * args.vq_steps:
+            restarted += restart_dead(vq.quantize.embedding.weight, counts, zf.detach(), g)
+            counts.zero_()
+        if step % 100 == 0:
+            log(f"  vq step {step}: rec mse {F.mse_loss(rec, x).item() / 4:.5f} (in [0,1]^2 units)")
+    vq.eval()
+    with torch.no_grad():
+        rec = ((vq.decode_code(vq.encode(xte * 2 - 1)) + 1) / 2).clamp(0, 1)
+        used = vq.encode(xtr * 2 - 1).unique().numel()
+    mse = F.mse_loss(rec, xte).item()
+    return vq, {"test_mse": mse, "test_psnr_db": 10 * math.log10(1 / mse), "codes_used_train": used,
+                "codes_restarted": restarted}
+
+
+# ---- 3. VAR VQ-VAE ------------------------------------------------------------------------------
+def vqvae_forward(vae: VQVAE, x: torch.Tensor, beta: float = 0.25):
+    """The official VQVAE training forward (VectorQuantizer2.forward without the usage statistic):
+    x in [-1, 1] -> (rec, vq loss, all indices, residual pool for restarts)."""
+    q = vae.quantize
+    f = vae.quant_conv(vae.encoder(x))
+    B, C, H, W = f.shape
+    f_no_grad = f.detach()
+    f_rest = f_no_grad.clone()
+    f_hat = torch.zeros_like(f_rest)
+    vq_loss = 0.0
+    S = len(q.patch_nums)
+    all_idx, pool = [], []
+    for si, pn in enumerate(q.patch_nums):
+        last = si == S - 1
+        rest = f_rest if last else F.interpolate(f_rest, size=(pn, pn), mode="area")
+        rest_NC = rest.permute(0, 2, 3, 1).reshape(-1, C)
+        idx = q.nearest(rest_NC)
+        all_idx.append(idx)
+        pool.append(rest_NC)
+        h = q.embedding(idx.view(B, pn, pn)).permute(0, 3, 1, 2)
+        h = h.contiguous() if last else F.interpolate(h, size=(H, W), mode="bicubic", align_corners=False).contiguous()
+        h = q.phi(si)(h)
+        f_hat = f_hat + h
+        f_rest = f_rest - h.detach()
+        vq_loss = vq_loss + F.mse_loss(f_hat.detach(), f) * beta + F.mse_loss(f_hat, f_no_grad)
+    vq_loss = vq_loss / S
+    f_hat = (f_hat.detach() - f_no_grad) + f
+    rec = vae.decoder(vae.post_quant_conv(f_hat))
+    return rec, vq_loss, torch.cat(all_idx), torch.cat(pool).detach()
+
+
+def train_vqvae(args, xtr, xte):
+    g = seed_all(args.seed + 3)
+    cfg = VQVAEConfig.from_dict(VAE_CONFIG)
+    vae = VQVAE(cfg)
+    with torch.no_grad():   # codebook init uniform(-1/V, 1/V) (the official eini < 0 form); restarts do the rest
+        vae.quantize.embedding.weight.uniform_(-1 / cfg.V, 1 / cfg.V, generator=g)
+    opt = torch.optim.Adam(vae.parameters(), lr=args.vq_lr, betas=(0.9, 0.95))
+    it = batches(len(xtr), args.vq_batch, g)
+    counts = torch.zeros(cfg.V)
+    restarted = 0
+    for step in range(args.vq_steps):
+        set_lr(opt, cosine_lr(step, args.vq_steps, args.vq_lr, 20))
+        x = random_shift(xtr[next(it)], 1, g) * 2 - 1
+        rec, vq_loss, idx, pool = vqvae_forward(vae, x)
+        loss = F.mse_loss(rec, x) + vq_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        counts += torch.bincount(idx, minlength=cfg.V).float()
+        if (step + 1) % 25 == 0 and step < 0.8 * args.vq_steps:
+            restarted += restart_dead(vae.quantize.embedding.weight, counts, pool, g)
+            counts.zero_()
+        if step % 100 == 0:
+            log(f"  vqvae step {step}: rec mse {F.mse_loss(rec, x).item() / 4:.5f} (in [0,1]^2 units)")
+    vae.eval()
+    with torch.no_grad():
+        rec = (vae(xte * 2 - 1) + 1) / 2
+        used = torch.cat(vae.img_to_idx(xtr * 2 - 1), 1).unique().numel()
+    mse = F.mse_loss(rec, xte).item()
+    return vae, {"test_mse": mse, "test_psnr_db": 10 * math.log10(1 / mse), "codes_used_train": used,
+                 "codes_restarted": restarted}
+
+
+# ---- 4./5. the AR transformers ------------------------------------------------------------------
+@torch.no_grad()
+def encode_all(fn, x: torch.Tensor, bs: int = 500) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + bs]) for i in range(0, len(x), bs)])
+
+
+def train_ar(args, name, model, loss_fn, n, num_classes, g, steps, lr):
+    """Generic AR training loop: loss_fn(idx, labels) -> mean CE; class dropout 0.1 -> null class."""
+    decay, no_decay = [], []
+    for pname, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embed" not in pname and "pos_" not in pname else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    it = batches(n, args.ar_batch, g)
+    for step in range(steps):
+        set_lr(opt, cosine_lr(step, steps, lr, 50))
+        idx = next(it)
+        loss = loss_fn(idx, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        d = min(args.ema, (step + 1) / (step + 10))
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                ema[k].mul_(d).add_(v.detach(), alpha=1 - d) if v.is_floating_point() else ema[k].copy_(v)
+        if step % 200 == 0:
+            log(f"  {name} step {step}: train CE {loss.item():.4f}")
+    model.load_state_dict(ema)
+    return model.eval()
+
+
+def drop_labels(y: torch.Tensor, num_classes: int, p: float, g: torch.Generator) -> torch.Tensor:
+    return torch.where(torch.rand(y.shape, generator=g) < p, torch.full_like(y, num_classes), y)
+
+
+def train_gpt(args, vq, xtr, ytr, xte, yte):
+    g = seed_all(args.seed + 4)
+    xa, ya = all_shifts(xtr, ytr, 1)
+    toks = encode_all(lambda x: vq.encode(x * 2 - 1), xa)                     # [9*1500, 64]
+    toks_te = encode_all(lambda x: vq.encode(x * 2 - 1), xte)
+    cfg = GPTConfig.from_dict(GPT_CONFIG)
+    gpt = GPT(cfg)
+
+    def loss_fn(idx, g):
+        t = toks[idx]
+        lab = drop_labels(ya[idx], cfg.num_classes, cfg.class_dropout_prob, g)
+        return F.cross_entropy(gpt(lab, t).flatten(0, 1), t.flatten())
+
+    train_ar(args, "gpt", gpt, loss_fn, len(toks), cfg.num_classes, g, args.gpt_steps, args.gpt_lr)
+    with torch.no_grad():
+        nll = F.cross_entropy(gpt(yte, toks_te).flatten(0, 1), toks_te.flatten()).item()
+        nll_tr = F.cross_entropy(gpt(ytr, toks[4 * len(xtr):5 * len(xtr)]).flatten(0, 1),
+                                 toks[4 * len(xtr):5 * len(xtr)].flatten()).item()   # the unshifted copy
+    return gpt, {"test_nll_nats_per_token": nll, "train_nll_nats_per_token": nll_tr,
+                 "train_sequences": len(toks)}
+
+
+def train_var(args, vae, xtr, ytr, xte, yte):
+    g = seed_all(args.seed + 5)
+    xa, ya = all_shifts(xtr, ytr, 1)
+    enc = lambda x: torch.cat(vae.img_to_idx(x * 2 - 1), dim=1)              # noqa: E731
+    toks = encode_all(enc, xa)                                              # [N, 130]
+    toks_te = encode_all(enc, xte)
+    with torch.no_grad():
+        var_in = vae.quantize.idx_to_var_input(vae.split_scales(toks))      # [N, 129, Cvae]
+        var_in_te = vae.quantize.idx_to_var_input(vae.split_scales(toks_te))
+    cfg = VARConfig.from_dict(VAR_CONFIG)
+    model = VAR(cfg)
+    model.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)
+
+    def loss_fn(idx, g):
+        lab = drop_labels(ya[idx], cfg.num_classes, cfg.cond_drop_rate, g)
+        return F.cross_entropy(model(lab, var_in[idx]).flatten(0, 1), toks[idx].flatten())
+
+    train_ar(args, "var", model, loss_fn, len(toks), cfg.num_classes, g, args.var_steps, args.var_lr)
+    with torch.no_grad():
+        logits = model(yte, var_in_te)
+        nll = F.cross_entropy(logits.flatten(0, 1), toks_te.flatten()).item()
+        offs = [0]
+        for pn in PATCH_NUMS:
+            offs.append(offs[-1] + pn * pn)
+        per_scale = [F.cross_entropy(logits[:, a:b].flatten(0, 1), toks_te[:, a:b].flatten()).item()
+                     for a, b in zip(offs[:-1], offs[1:])]
+    return model, {"test_nll_nats_per_token": nll, "test_nll_per_scale": per_scale, "train_sequences": len(toks)}
+
+
+# ---- evaluation of the teachers -----------------------------------------------------------------
+@torch.no_grad()
+def sample_accuracy(teacher, clf, sampling, per_class: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(10).repeat_interleave(per_class)
+    imgs = teacher.decode(teacher.sample(labels, sampling, generator=g))
+    acc = (clf(imgs).argmax(1) == labels).float().mean().item()
+    return acc, imgs
+
+
+def save_grid(path, rows, labels_per_row):
+    """rows: list of [10, 3, 16, 16] tensors (one per row); written as a PNG scaled 4x."""
+    from PIL import Image
+    import numpy as np
+
+    pad = 2
+    n = rows[0].shape[0]
+    H = W = 16
+    grid = torch.ones(3, len(rows) * (H + pad) + pad, n * (W + pad) + pad) * 0.5
+    for r, imgs in enumerate(rows):
+        for c in range(n):
+            grid[:, pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = imgs[c]
+    arr = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr).resize((arr.shape[1] * 4, arr.shape[0] * 4), Image.NEAREST)
+    img.save(path)
+    log(f"sample grid -> {path} (rows: {', '.join(labels_per_row)})")
+
+
+def evaluate(args, teachers: dict, clf, xte, yte, per_class: int):
+    out = {}
+    rows, names = [], []
+    # one real held-out example per class, then teachers' samples for classes 0..9
+    first = torch.stack([xte[(yte == c).nonzero()[0, 0]] for c in range(10)])
+    rows.append(first)
+    names.append("real held-out")
+    for name, t in teachers.items():
+        acc, imgs = sample_accuracy(t, clf, t.default_sampling, per_class, args.seed + 100)
+        res = {"default_sampling": t.default_sampling.to_dict(), "class_accuracy": acc, "num_samples": len(imgs)}
+        log(f"{name}: classifier accuracy on {len(imgs)} samples ({t.default_sampling}) = {acc:.3f}")
+        if args.sweep:
+            for cfg in args.sweep:
+                sp = dataclasses.replace(t.default_sampling, cfg_scale=cfg)
+                a, _ = sample_accuracy(t, clf, sp, per_class, args.seed + 100)
+                log(f"  {name} cfg {cfg}: accuracy {a:.3f}")
+                res[f"class_accuracy_cfg{cfg}"] = a
+        out[name] = res
+        for k in range(2):
+            rows.append(imgs[torch.arange(10) * per_class + k])
+            names.append(f"{name} #{k}")
+    if args.samples_png:
+        save_grid(args.samples_png, rows, names)
+    return out
+
+
+# ---- saving -------------------------------------------------------------------------------------
+def save(out: str, stem: str, tensors: dict, meta: dict):
+    from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    base = os.path.join(out, stem)
+    save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, base + ".safetensors")
+    with open(base + ".json", "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    for ext in (".safetensors", ".json"):
+        os.chmod(base + ext, 0o644)
+    log(f"wrote {base}.safetensors ({os.path.getsize(base + '.safetensors') / 1e6:.2f} MB) and .json")
+
+
+def prefixed(prefix: str, sd: dict) -> dict:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clf-steps", type=int, default=600)
+    ap.add_argument("--vq-steps", type=int, default=500)
+    ap.add_argument("--vq-batch", type=int, default=32)
+    ap.add_argument("--vq-lr", type=float, default=2e-3)
+    ap.add_argument("--gpt-steps", type=int, default=1600)
+    ap.add_argument("--gpt-lr", type=float, default=3e-3)
+    ap.add_argument("--var-steps", type=int, default=500)
+    ap.add_argument("--var-lr", type=float, default=3e-3)
+    ap.add_argument("--ar-batch", type=int, default=64)
+    ap.add_argument("--gpt-dim", type=int, default=GPT_CONFIG["dim"])
+    ap.add_argument("--var-dim", type=int, default=VAR_CONFIG["embed_dim"])
+    ap.add_argument("--out", default=zoo.ZOO_DIR, help="where to write the zoo files (default teachers/zoo)")
+    ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--eval-per-class", type=int, default=50, help="teacher samples per class for class accuracy")
+    ap.add_argument("--eval-only", action="store_true", help="load the shipped zoo and evaluate it")
+    ap.add_argument("--sweep", type=float, nargs="*", default=None, help="also report accuracy at these cfg scales")
+    ap.add_argument("--samples-png", default=None, help="write a grid of real vs sampled digits here")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="train only these phases (classifier vq vqvae gpt var); others are loaded from the zoo")
+    args = ap.parse_args()
+
+    GPT_CONFIG["dim"], VAR_CONFIG["embed_dim"] = args.gpt_dim, args.var_dim
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    total = Timer()
+    xtr, ytr = digits_data("train")
+    xte, yte = digits_data("test")
+    log(f"digits: train {tuple(xtr.shape)}, test {tuple(xte.shape)}; threads {args.threads}, torch {torch.__version__}")
+
+    common = {"data": DATA_RULE, "augmentation": "integer pixel shifts, zero fill", "seed": args.seed,
+              "threads": args.threads, "torch": torch.__version__, "trained_by": "tools/train_digits_zoo.py"}
+
+    if args.eval_only:
+        teachers = {n: zoo.load(n) for n in zoo.ZOO}
+        clf = zoo.load_classifier()
+        acc = (clf(xte).argmax(1) == yte).float().mean().item()
+        log(f"classifier held-out accuracy {acc:.4f}")
+        evaluate(args, teachers, clf, xte, yte, args.eval_per_class)
+        return
+
+    phases = args.only or ["classifier", "vq", "vqvae", "gpt", "var"]
+    times = {}
+
+    if "classifier" in phases:
+        t = Timer()
+        clf, clf_res = train_classifier(args, xtr, ytr, xte, yte)
+        times["classifier"] = t.read()
+        log(f"classifier: held-out accuracy {clf_res['test_accuracy']:.4f} (train {clf_res['train_accuracy']:.4f}) "
+            f"[{times['classifier']}]")
+        save(args.out, zoo.CLASSIFIER_STEM, clf.state_dict(),
+             {"config": CLASSIFIER_CONFIG, "features": "128-d pre-activation of fc (penultimate layer)",
+              "input": "[N, 3, 16, 16] in [0, 1]", "train": {"steps": args.clf_steps, "batch": 64,
+                                                              "augmentation": "shifts up to 2 px, gaussian noise 0.05"},
+              "metrics": clf_res, "time": times["classifier"], **common})
+    else:
+        clf = zoo.load_classifier()
+
+    if "vq" in phases:
+        t = Timer()
+        vq, vq_res = train_vq(args, xtr, xte)
+        times["vq"] = t.read()
+        log(f"LlamaGen VQ: held-out rec MSE {vq_res['test_mse']:.5f} (PSNR {vq_res['test_psnr_db']:.2f} dB), "
+            f"codes used {vq_res['codes_used_train']}/{VQ_CONFIG['codebook_size']} [{times['vq']}]")
+    else:
+        old = zoo.load("digits-llamagen")
+        vq, vq_res = old.vq, zoo.read_meta("digits-llamagen")["tokenizer_metrics"]
+    if "vqvae" in phases:
+        t = Timer()
+        vae, vae_res = train_vqvae(args, xtr, xte)
+        times["vqvae"] = t.read()
+        log(f"VAR VQ-VAE: held-out rec MSE {vae_res['test_mse']:.5f} (PSNR {vae_res['test_psnr_db']:.2f} dB), "
+            f"codes used {vae_res['codes_used_train']}/{VAE_CONFIG['V']} [{times['vqvae']}]")
+    else:
+        old = zoo.load("digits-var")
+        vae, vae_res = old.vae, zoo.read_meta("digits-var")["tokenizer_metrics"]
+
+    if "gpt" in phases:
+        t = Timer()
+        gpt, gpt_res = train_gpt(args, vq, xtr, ytr, xte, yte)
+        times["gpt"] = t.read()
+        log(f"LlamaGen GPT: held-out NLL {gpt_res['test_nll_nats_per_token']:.4f} nats/token "
+            f"(train {gpt_res['train_nll_nats_per_token']:.4f}) [{times['gpt']}]")
+    else:
+        gpt, gpt_res = zoo.load("digits-llamagen").gpt, zoo.read_meta("digits-llamagen")["metrics"]
+    if "var" in phases:
+        t = Timer()
+        vmodel, var_res = train_var(args, vae, xtr, ytr, xte, yte)
+        times["var"] = t.read()
+        log(f"VAR: held-out NLL {var_res['test_nll_nats_per_token']:.4f} nats/token, per scale "
+            f"{[round(v, 3) for v in var_res['test_nll_per_scale']]} [{times['var']}]")
+    else:
+        vmodel, var_res = zoo.load("digits-var").var, zoo.read_meta("digits-var")["metrics"]
+
+    teachers = {"digits-llamagen": llamagen.load(GPT_CONFIG, gpt.state_dict(), tokenizer_config=VQ_CONFIG,
+                                                 tokenizer_checkpoint=vq.state_dict()),
+                "digits-var": var.load(VAR_CONFIG, vmodel.state_dict(), tokenizer_config=VAE_CONFIG,
+                                       tokenizer_checkpoint=vae.state_dict())}
+    teachers["digits-llamagen"].default_sampling = LLAMAGEN_SAMPLING
+    teachers["digits-var"].default_sampling = VAR_SAMPLING
+    t = Timer()
+    ev = evaluate(args, teachers, clf, xte, yte, args.eval_per_class)
+    times["eval"] = t.read()
+    times["total"] = total.read()
+    log(f"times: {times}")
+
+    note = ("DD's teacher sampling for these teachers: the paper's cfg 2.0; no top-k (the small "
+            "codebook makes the paper's top-k a no-op anyway){}.")
+    save(args.out, "digits-llamagen", {**prefixed("gpt.", gpt.state_dict()), **prefixed("vq.", vq.state_dict())},
+         {"family": "llamagen", "config": GPT_CONFIG, "tokenizer_config": VQ_CONFIG,
+          "default_sampling": LLAMAGEN_SAMPLING.to_dict(), "sampling_note": note.format(", top-p off"),
+          "image_size": 16, "num_tokens": 64,
+          "train": {"steps": args.gpt_steps, "batch": args.ar_batch, "lr": args.gpt_lr, "ema": args.ema,
+                    "tokenizer_steps": args.vq_steps, "tokenizer_batch": args.vq_batch},
+          "tokenizer_metrics": vq_res, "metrics": gpt_res, "samples": ev["digits-llamagen"],
+          "time": {k: times.get(k) for k in ("vq", "gpt")}, **common})
+    save(args.out, "digits-var", {**prefixed("var.", vmodel.state_dict()), **prefixed("vae.", vae.state_dict())},
+         {"family": "var", "config": VAR_CONFIG, "tokenizer_config": VAE_CONFIG,
+          "default_sampling": VAR_SAMPLING.to_dict(), "sampling_note": note.format(", VAR's top-p 0.95 kept"),
+          "image_size": 16, "num_tokens": sum(p * p for p in PATCH_NUMS),
+          "train": {"steps": args.var_steps, "batch": args.ar_batch, "lr": args.var_lr, "ema": args.ema,
+                    "tokenizer_steps": args.vq_steps, "tokenizer_batch": args.vq_batch},
+          "tokenizer_metrics": vae_res, "metrics": var_res, "samples": ev["digits-var"],
+          "time": {k: times.get(k) for k in ("vqvae", "var")}, **common})
+
+
+if __name__ == "__main__":
+    main()
