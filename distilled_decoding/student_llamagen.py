@@ -26,7 +26,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from teachers.llamagen import GPT_IGNORE, GPTConfig, LabelEmbedder, RMSNorm, TransformerBlock, rope_table_2d
+from teachers.llamagen import GPT_IGNORE, GPTConfig, LabelEmbedder, RMSNorm, RopeTable, TransformerBlock
 
 from .student import FinalLayer
 
@@ -40,7 +40,7 @@ def fit_token_projection(codebook: torch.Tensor, table: torch.Tensor) -> Tuple[t
     return X[:-1].t().contiguous(), X[-1].contiguous()
 
 
-class LlamaGenDD(nn.Module):
+class LlamaGenDD(RopeTable, nn.Module):
     """The LlamaGen DD student backbone (released key layout)."""
 
     family = "llamagen"
@@ -115,21 +115,7 @@ class LlamaGenDD(nn.Module):
     def step_sizes(self) -> tuple:
         return (1,) * self.config.block_size
 
-    # -- weights and buffers --------------------------------------------------------------------
-    def _rope(self, device) -> torch.Tensor:
-        c = self.config
-        return rope_table_2d(c.grid_size, c.head_dim, c.rope_base, c.cls_token_num, device=device)
-
-    def reset_buffers(self, device=None) -> None:
-        device = self.freqs_cis.device if device is None else torch.device(device)
-        self.freqs_cis = self._rope(device)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self.freqs_cis.dtype != torch.float32:        # the RoPE table stays fp32 under .to(bf16)
-            self.reset_buffers(self.freqs_cis.device)
-        return self
-
+    # -- weights ---------------------------------------------------------------------------------
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """The authors' init (`DDTransformer._init_weights`): N(0, initializer_range) Linear/Embedding

@@ -11,11 +11,13 @@ Each family module exposes `PRESETS` (named configs, the CLI's choices) and
 from __future__ import annotations
 
 import importlib
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
 from .base import DecodeState, SamplingConfig, Teacher  # noqa: F401
+
+__all__ = ["DecodeState", "SamplingConfig", "Teacher", "load_teacher", "family_module", "zoo_names"]
 
 FAMILIES = {"llamagen": "teachers.llamagen", "var": "teachers.var"}
 

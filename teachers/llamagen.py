@@ -294,21 +294,9 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels).unsqueeze(1)
 
 
-class GPT(nn.Module):
-    """The class-conditional LlamaGen transformer (official key names)."""
-
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.config = cfg
-        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        # [cls_token_num + block_size, hd/2, 2] fp32, derived (not in official state dicts)
-        self.register_buffer("freqs_cis", self._rope(None), persistent=False)
-        if not self.freqs_cis.is_meta:
-            self.initialize_weights()
+class RopeTable:
+    """Mixin for modules with a `config` (GPTConfig) and a derived `freqs_cis` buffer
+    [cls_token_num + block_size, hd/2, 2] fp32: rebuilt after a meta-device load, never cast."""
 
     def _rope(self, device) -> torch.Tensor:
         c = self.config
@@ -325,6 +313,23 @@ class GPT(nn.Module):
         if self.freqs_cis.dtype != torch.float32:
             self.reset_buffers(self.freqs_cis.device)
         return self
+
+
+class GPT(RopeTable, nn.Module):
+    """The class-conditional LlamaGen transformer (official key names)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # [cls_token_num + block_size, hd/2, 2] fp32, derived (not in official state dicts)
+        self.register_buffer("freqs_cis", self._rope(None), persistent=False)
+        if not self.freqs_cis.is_meta:
+            self.initialize_weights()
 
     def initialize_weights(self, std: Optional[float] = None) -> None:
         """Random init for weight-less use (tests, benchmarks): N(0, initializer_range) for Linear

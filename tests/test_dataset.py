@@ -20,28 +20,11 @@ from distilled_decoding.dataset import (DatasetError, PairDataset, build_dataset
                                         read_manifest, sample_labels, sample_noise, shard_name, verify_dataset)
 from distilled_decoding.flowmap import FlowMapConfig
 from distilled_decoding.teacher_spec import TeacherSpec, parse_config, resolve_sampling
+from tiny_teachers import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = {
-    "llamagen": (dict(dim=32, n_layer=2, n_head=2, vocab_size=64, block_size=16, num_classes=10, multiple_of=16),
-                 dict(codebook_size=64, codebook_embed_dim=4, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1],
-                      z_channels=32, ch=32, num_res_blocks=1),
-                 ("gpt", "vq")),
-    "var": (dict(depth=2, embed_dim=32, num_heads=2, num_classes=10, patch_nums=[1, 2, 3], V=64, Cvae=4),
-            dict(V=64, Cvae=4, ch=32, ch_mult=[1, 1], num_res_blocks=1, patch_nums=[1, 2, 3]),
-            ("var", "vae")),
-}
 FM = FlowMapConfig(nfe=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared CPU: extra OpenMP threads only add contention (and change nothing)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=sorted(TINY))

@@ -20,16 +20,6 @@ from distilled_decoding.flowmap import (FlowMapConfig, chunk_rows, denoise, flow
 
 
 # ---- fixtures: codebooks shaped like the teachers' -----------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run thousands of small ops; on 2 shared cores OpenMP's two threads spend more time
-    synchronising than computing (measured 20x slower under load), so run them single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def llamagen_codebook(seed=0):
     """16384 x 8, l2-normalised rows (LlamaGen VQ-16 looks codes up normalised)."""
     g = torch.Generator().manual_seed(seed)

@@ -29,15 +29,6 @@ def random_state(model: torch.nn.Module, seed: int, std: float = 0.15) -> dict:
             for k, v in model.state_dict().items()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared CPU: extra OpenMP threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_states():
     with torch.device("meta"):

@@ -24,29 +24,13 @@ from distilled_decoding.teacher_spec import TeacherSpec, resolve_sampling
 from distilled_decoding.train import TrainArgs, sample_timestep, train
 from teachers.checkpoint import CheckpointMismatchError
 from teachers.var import level_ids
+from tiny_teachers import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = json.loads((ROOT / "tests" / "manifests" / "dd_official.json").read_text())
 FIXTURE = ROOT / "tests" / "fixtures" / "dd_official_tiny.pt"
 
-TINY = {
-    "llamagen": (dict(dim=32, n_layer=2, n_head=2, vocab_size=64, block_size=16, num_classes=10, multiple_of=16),
-                 dict(codebook_size=64, codebook_embed_dim=4, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1],
-                      z_channels=32, ch=32, num_res_blocks=1),
-                 ("gpt", "vq")),
-    "var": (dict(depth=2, embed_dim=32, num_heads=2, num_classes=10, patch_nums=[1, 2, 3], V=64, Cvae=4),
-            dict(V=64, Cvae=4, ch=32, ch_mult=[1, 1], num_res_blocks=1, patch_nums=[1, 2, 3]),
-            ("var", "vae")),
-}
 NUM_PAIRS = 128
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,12 @@
+"""Tiny random teacher configs of both families, shared by the pipeline tests (dataset, student,
+sampling): family -> (transformer config, tokenizer config, state-dict part names)."""
+
+TINY = {
+    "llamagen": (dict(dim=32, n_layer=2, n_head=2, vocab_size=64, block_size=16, num_classes=10, multiple_of=16),
+                 dict(codebook_size=64, codebook_embed_dim=4, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1],
+                      z_channels=32, ch=32, num_res_blocks=1),
+                 ("gpt", "vq")),
+    "var": (dict(depth=2, embed_dim=32, num_heads=2, num_classes=10, patch_nums=[1, 2, 3], V=64, Cvae=4),
+            dict(V=64, Cvae=4, ch=32, ch_mult=[1, 1], num_res_blocks=1, patch_nums=[1, 2, 3]),
+            ("var", "vae")),
+}
