@@ -34,16 +34,20 @@ class DemoSize:
     sample_batch: int = 250
 
 
+_LLAMAGEN_DEFAULT = DemoSize(num_pairs=8000, train_steps=2500, batch_size=64, lr=3e-3, ema_decay=0.995,
+                             num_samples=1000)
+# Work budgets per size and teacher. The VAR student sees 131 tokens a sample (twice LlamaGen's 65)
+# under a float block-causal mask, so a training step costs ~2.4x: fewer steps keep `make demo
+# FAMILY=var` inside its 10 minutes.
 SIZES = {
-    # Measured on the 2-core CI machine (README): `make demo` fits its 10 minutes, set-up included.
-    "default": DemoSize(num_pairs=8000, train_steps=2500, batch_size=64, lr=3e-3, ema_decay=0.995,
-                        num_samples=1000),
-    # tests/test_demo.py: the smallest run where DD still clearly beats onestep*.
-    "mini": DemoSize(num_pairs=3000, train_steps=1000, batch_size=64, lr=3e-3, ema_decay=0.99,
-                     num_samples=500),
-    # tools/run_table.py (its default): twice the pairs and training, more samples (~12 min a family).
-    "large": DemoSize(num_pairs=16000, train_steps=5000, batch_size=64, lr=3e-3, ema_decay=0.998,
-                      num_samples=2000),
+    "default": {"llamagen": _LLAMAGEN_DEFAULT,
+                "var": dataclasses.replace(_LLAMAGEN_DEFAULT, train_steps=1200)},
+    # tests/test_demo.py: the smallest LlamaGen run where DD still clearly beats onestep*.
+    "mini": {"llamagen": DemoSize(num_pairs=3000, train_steps=1000, batch_size=64, lr=3e-3, ema_decay=0.99,
+                                  num_samples=500)},
+    # tools/run_table.py --size large: twice the pairs and training, more samples (~12-20 min a family).
+    "large": {fam: DemoSize(num_pairs=16000, train_steps=5000, batch_size=64, lr=3e-3, ema_decay=0.998,
+                            num_samples=2000) for fam in ("llamagen", "var")},
 }
 
 
@@ -187,7 +191,9 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
 def demo_cmd(family, out, size_name, seed, device):
     """Run build-dataset -> train -> sample -> eval on a shipped digits teacher; print a Table 1."""
     out = out or os.path.join("demo_out", family)
-    info = run_demo(family, out, SIZES[size_name], seed=seed, device=device)
+    if family not in SIZES[size_name]:
+        raise click.UsageError(f"--size {size_name} has no budget for {family}: {sorted(SIZES[size_name])}")
+    info = run_demo(family, out, SIZES[size_name][family], seed=seed, device=device)
     s = info["seconds"]
     click.echo(f"\n{info['table']}\n")
     click.echo(f"build-dataset {s['build_dataset']:.0f}s, train {s['train']:.0f}s, total {s['total']:.0f}s. "

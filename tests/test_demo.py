@@ -14,14 +14,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo"))
-    return out, run_demo("llamagen", out, SIZES["mini"], seed=0, log=lambda s: None)
+    return out, run_demo("llamagen", out, SIZES["mini"]["llamagen"], seed=0, log=lambda s: None)
 
 
 def test_outputs_exist_and_parse(demo):
     out, info = demo
     keys = [r["key"] for r in info["rows"]]
     assert keys == ["teacher", "dd1", "dd2", "mixed", "skip", "onestep"]
-    n = SIZES["mini"].num_samples
+    n = SIZES["mini"]["llamagen"].num_samples
     for k in keys:
         d = os.path.join(out, "samples", k)
         with np.load(os.path.join(d, "samples.npz")) as z:

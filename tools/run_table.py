@@ -1,7 +1,7 @@
 """The README's digits table: the demo pipeline for both families at a larger budget (not in CI).
 
     python tools/run_table.py                       # both families, size "large"
-    python tools/run_table.py --family var --size default
+    python tools/run_table.py --size default --out demo_out   # re-use `make demo`'s finished runs
 
 Writes results/digits_table.md (one Table-1 block per family, plus the stage times) and
 results/compare_<family>.png (rows teacher / DD 1-step / DD 2-step / teacher-mixed).
@@ -35,7 +35,7 @@ def main() -> None:
     os.makedirs(args.results, exist_ok=True)
     blocks = []
     for fam in args.family:
-        info = run_demo(fam, os.path.join(args.out, fam), SIZES[args.size], seed=args.seed, device=args.device)
+        info = run_demo(fam, os.path.join(args.out, fam), SIZES[args.size][fam], seed=args.seed, device=args.device)
         grid = os.path.join(args.results, f"compare_{fam}.png")
         shutil.copyfile(info["compare"], grid)
         s = info["seconds"]
