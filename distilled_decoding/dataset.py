@@ -410,6 +410,10 @@ def build_dataset(out: str, teacher: Teacher, spec: TeacherSpec, *, num_samples:
     plan = _broadcast(plan, rank, world)
     if "error" in plan:
         raise DatasetError(plan["error"])
+    if plan.get("unchanged"):
+        if rank == 0:
+            log(f"{out}: complete, {num_samples} pairs with these settings; nothing to build")
+        return read_manifest(out) if rank == 0 else None
     todo = plan["todo"]
     mine = todo[rank::world]
     S = shard_size
@@ -476,6 +480,13 @@ def _prepare(out: str, settings: dict, spec: TeacherSpec, num_samples: int, buil
         os.remove(p)  # temporaries of an interrupted run; finished files are never touched
     done = _finished_shards(out, old, settings, num_samples, warn)
     todo = [k for k in range(num_shards(num_samples, settings["shard_size"])) if k not in done]
+    if old is not None and old.get("complete") and not todo and old["num_samples"] == num_samples:
+        # Nothing to do: leave manifest.json byte-identical, since training runs record its sha256.
+        try:
+            os.rmdir(os.path.join(out, PROGRESS_DIR))
+        except OSError:
+            pass
+        return {"done": sorted(done), "todo": [], "unchanged": True}
     shards = [done[k] for k in sorted(done)]
     atomic_write(os.path.join(out, MANIFEST),
                  _json_bytes(_manifest(settings, spec, num_samples, build_info, shards, complete=not todo)))

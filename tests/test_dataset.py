@@ -138,6 +138,16 @@ def test_extend_equals_direct_build(tiny, tmp_path):
         build(tmp_path / "ext", t, spec, num_samples=8)
 
 
+def test_rebuilding_a_complete_set_writes_nothing(tiny, tmp_path):
+    """Training runs record manifest.json's sha256: a no-op re-run must not rewrite it."""
+    spec, t = tiny
+    build(tmp_path / "d", t, spec, num_samples=8)
+    before = (tmp_path / "d" / "manifest.json").read_bytes()
+    again = build(tmp_path / "d", t, spec, num_samples=8)
+    assert (tmp_path / "d" / "manifest.json").read_bytes() == before and again["complete"]
+    assert not (tmp_path / "d" / ".progress").exists()
+
+
 @pytest.mark.parametrize("store_noise", [False, True])
 def test_pair_dataset_returns_build_noise_and_tokens(tiny, tmp_path, store_noise):
     spec, t = tiny
