@@ -20,7 +20,7 @@ from distilled_decoding.dataset import (DatasetError, PairDataset, build_dataset
                                         read_manifest, sample_labels, sample_noise, shard_name, verify_dataset)
 from distilled_decoding.flowmap import FlowMapConfig
 from distilled_decoding.teacher_spec import TeacherSpec, parse_config, resolve_sampling
-from tiny_teachers import TINY
+from tiny_teachers import TINY, saved_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,18 +30,7 @@ FM = FlowMapConfig(nfe=4)
 @pytest.fixture(scope="module", params=sorted(TINY))
 def tiny(request, tmp_path_factory):
     """(spec, teacher) of a tiny random teacher whose weights live in checkpoint files."""
-    family = request.param
-    cfg, tok_cfg, parts = TINY[family]
-    d = tmp_path_factory.mktemp(family)
-    torch.manual_seed(0)
-    t = TeacherSpec(family, cfg, tokenizer_config=tok_cfg).load("cpu")
-    paths = []
-    for part in parts:
-        p = d / f"{part}.pt"
-        torch.save({"model": getattr(t, part).state_dict()}, p)
-        paths.append(str(p))
-    spec = TeacherSpec(family, cfg, paths[0], tok_cfg, paths[1])
-    return spec, spec.load("cpu")
+    return saved_teacher(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def build(out, teacher, spec, **kw):
@@ -255,8 +244,10 @@ def test_cli_kill_resume_byte_identical(tiny, tmp_path):
     m = read_manifest(str(out))
     assert m["complete"] and m["shards"] == m_ref["shards"] and m["settings"] == m_ref["settings"]
     assert not [f for f in os.listdir(out) if ".tmp." in f]
+    manifest_bytes = (out / "manifest.json").read_bytes()
     r = cli(*args)                                   # a finished data set: nothing to do, nothing changes
-    assert r.returncode == 0 and "0 to build" in r.stdout and shard_bytes(out) == shard_bytes(ref)
+    assert r.returncode == 0 and "nothing to build" in r.stdout and shard_bytes(out) == shard_bytes(ref)
+    assert (out / "manifest.json").read_bytes() == manifest_bytes
 
 
 def free_port():

@@ -19,8 +19,8 @@ from distilled_decoding.cli import main
 from distilled_decoding.dataset import build_dataset, sample_labels, sample_noise
 from distilled_decoding.flowmap import FlowMapConfig
 from distilled_decoding.student import build_student, save_run
-from distilled_decoding.teacher_spec import TeacherSpec, resolve_sampling
-from tiny_teachers import TINY
+from distilled_decoding.teacher_spec import resolve_sampling
+from tiny_teachers import TINY, saved_teacher
 
 FM = FlowMapConfig(nfe=4)
 
@@ -36,17 +36,8 @@ class Tiny:
 @pytest.fixture(scope="module", params=sorted(TINY))
 def tiny(request, tmp_path_factory):
     family = request.param
-    cfg, tok_cfg, parts = TINY[family]
     d = tmp_path_factory.mktemp(f"sample-{family}")
-    torch.manual_seed(0)
-    t = TeacherSpec(family, cfg, tokenizer_config=tok_cfg).load("cpu")
-    paths = []
-    for part in parts:
-        p = d / f"{part}.pt"
-        torch.save({"model": getattr(t, part).state_dict()}, p)
-        paths.append(str(p))
-    spec = TeacherSpec(family, cfg, paths[0], tok_cfg, paths[1])
-    teacher = spec.load("cpu")
+    spec, teacher = saved_teacher(family, d)
     student = build_student(teacher).eval()
     run = d / "run"
     save_run(str(run), student, None, student.config, {"teacher": spec.to_dict()})
@@ -178,17 +169,8 @@ def test_resample_probs_nearest_grid():
 def tiny_data(tmp_path_factory):
     """A 30-pair data set of the tiny LlamaGen teacher (its own checkpoint files)."""
     fam = "llamagen"
-    cfg, tok_cfg, parts = TINY[fam]
     d = tmp_path_factory.mktemp("onestep")
-    torch.manual_seed(1)
-    t = TeacherSpec(fam, cfg, tokenizer_config=tok_cfg).load("cpu")
-    paths = []
-    for part in parts:
-        p = d / f"{part}.pt"
-        torch.save({"model": getattr(t, part).state_dict()}, p)
-        paths.append(str(p))
-    spec = TeacherSpec(fam, cfg, paths[0], tok_cfg, paths[1])
-    teacher = spec.load("cpu")
+    spec, teacher = saved_teacher(fam, d, seed=1)
     root = d / "pairs"
     build_dataset(str(root), teacher, spec, num_samples=30, sampling=resolve_sampling(teacher), fm_config=FM,
                   seed=0, labels="balanced", shard_size=16, batch_size=16, show_progress=False, log=lambda s: None)

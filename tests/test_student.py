@@ -24,7 +24,7 @@ from distilled_decoding.teacher_spec import TeacherSpec, resolve_sampling
 from distilled_decoding.train import TrainArgs, sample_timestep, train
 from teachers.checkpoint import CheckpointMismatchError
 from teachers.var import level_ids
-from tiny_teachers import TINY
+from tiny_teachers import TINY, saved_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = json.loads((ROOT / "tests" / "manifests" / "dd_official.json").read_text())
@@ -36,23 +36,16 @@ NUM_PAIRS = 128
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """family -> (spec, teacher, data dir) of a tiny random teacher and a small pair data set."""
+    def token_table_in_codebook_span(t):
+        # LlamaGen: a token table in the span of [codebook, 1] makes the least-squares init exact
+        g = torch.Generator().manual_seed(1)
+        M, c = torch.randn(4, 32, generator=g) * 0.3, torch.randn(32, generator=g) * 0.05
+        t.gpt.tok_embeddings.weight.data = t.codebook @ M + c
+
     out = {}
-    for family, (cfg, tok_cfg, parts) in TINY.items():
+    for family in TINY:
         d = tmp_path_factory.mktemp(family)
-        torch.manual_seed(0)
-        t = TeacherSpec(family, cfg, tokenizer_config=tok_cfg).load("cpu")
-        if family == "llamagen":
-            # token table in the span of [codebook, 1]: the least-squares init is then exact
-            g = torch.Generator().manual_seed(1)
-            M, c = torch.randn(4, 32, generator=g) * 0.3, torch.randn(32, generator=g) * 0.05
-            t.gpt.tok_embeddings.weight.data = t.codebook @ M + c
-        paths = []
-        for part in parts:
-            p = d / f"{part}.pt"
-            torch.save({"model": getattr(t, part).state_dict()}, p)
-            paths.append(str(p))
-        spec = TeacherSpec(family, cfg, paths[0], tok_cfg, paths[1])
-        teacher = spec.load("cpu")
+        spec, teacher = saved_teacher(family, d, edit=token_table_in_codebook_span if family == "llamagen" else None)
         data = d / "pairs"
         build_dataset(str(data), teacher, spec, num_samples=NUM_PAIRS, sampling=resolve_sampling(teacher),
                       fm_config=FlowMapConfig(nfe=4), seed=0, shard_size=64, batch_size=64,

@@ -10,3 +10,24 @@ TINY = {
             dict(V=64, Cvae=4, ch=32, ch_mult=[1, 1], num_res_blocks=1, patch_nums=[1, 2, 3]),
             ("var", "vae")),
 }
+
+
+def saved_teacher(family, directory, seed=0, edit=None):
+    """A random tiny teacher of `family` whose weights live in checkpoint files under `directory`
+    -> (TeacherSpec pointing at the files, the teacher loaded back from them).
+    edit: optional callable applied to the random teacher before it is saved."""
+    import torch
+    from distilled_decoding.teacher_spec import TeacherSpec
+
+    cfg, tok_cfg, parts = TINY[family]
+    torch.manual_seed(seed)
+    t = TeacherSpec(family, cfg, tokenizer_config=tok_cfg).load("cpu")
+    if edit is not None:
+        edit(t)
+    paths = []
+    for part in parts:
+        p = directory / f"{part}.pt"
+        torch.save({"model": getattr(t, part).state_dict()}, p)
+        paths.append(str(p))
+    spec = TeacherSpec(family, cfg, paths[0], tok_cfg, paths[1])
+    return spec, spec.load("cpu")
