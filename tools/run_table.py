@@ -39,8 +39,10 @@ def main() -> None:
         grid = os.path.join(args.results, f"compare_{fam}.png")
         shutil.copyfile(info["compare"], grid)
         s = info["seconds"]
-        blocks.append(f"{info['table']}\n\nStage times: build-dataset {s['build_dataset']:.0f} s, "
-                      f"train {s['train']:.0f} s, whole run {s['total']:.0f} s. Grid: `{os.path.basename(grid)}`.")
+        # a finished data set / run in --out is re-used (both resume), so these may be ~0
+        blocks.append(f"{info['table']}\n\nThis invocation: build-dataset {s['build_dataset']:.0f} s, "
+                      f"train {s['train']:.0f} s, whole run {s['total']:.0f} s (finished stages in --out are "
+                      f"re-used). Grid: `{os.path.basename(grid)}`.")
     cmd = "python tools/run_table.py " + " ".join(sys.argv[1:])
     header = (f"# Distilled Decoding on the digits teachers\n\nMade by `{cmd.strip()}` on "
               f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads, "
