@@ -351,12 +351,8 @@ def load_official(path, teacher, *, ema: bool = True, timesteps: Optional[Sequen
 
 # ---- run directories --------------------------------------------------------------------------
 def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from .dataset import atomic_write
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 def save_state_dict(path: str, state: dict, metadata: Optional[dict] = None) -> None:

@@ -36,7 +36,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from teachers.var import (VAR_IGNORE, AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, VARConfig,
+from teachers.var import (VAR_IGNORE, AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, VARConfig, init_linear_embedding_,
                           level_ids)
 
 from .student import FinalLayer
@@ -149,13 +149,7 @@ class VARDD(nn.Module):
         trunc_normal(√(1/3C)) Linear/Embedding weights and positions, zero biases, n_d_embed
         trunc_normal(0.02); the teacher's tensors are overwritten by `from_teacher`."""
         std = (1 / self.C / 3) ** 0.5
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.Embedding):
-                nn.init.trunc_normal_(m.weight, std=std)
+        init_linear_embedding_(self, std)
         for p in (self.pos_start, self.pos_1LC):
             nn.init.trunc_normal_(p, std=std)
         for b in self.blocks:

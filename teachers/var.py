@@ -291,6 +291,17 @@ def block_causal_bias(levels: torch.Tensor) -> torch.Tensor:
     return torch.where(d >= d.transpose(1, 2), 0.0, -torch.inf).reshape(1, 1, len(levels), len(levels))
 
 
+def init_linear_embedding_(module: nn.Module, std: float) -> None:
+    """VAR's base init: trunc_normal(std) for every Linear/Embedding weight, zero Linear biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.Embedding):
+            nn.init.trunc_normal_(m.weight, std=std)
+
+
 class VAR(nn.Module):
     """The VAR transformer. Hidden-state path, for reuse by the DD student:
 
@@ -333,13 +344,7 @@ class VAR(nn.Module):
         """The official initialisation (`VAR.init_weights`); init_std < 0 = sqrt(1 / (3C))."""
         if init_std < 0:
             init_std = (1 / self.C / 3) ** 0.5
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=init_std)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.Embedding):
-                nn.init.trunc_normal_(m.weight, std=init_std)
+        init_linear_embedding_(self, init_std)
         for p in (self.pos_start, self.pos_1LC):
             nn.init.trunc_normal_(p, mean=0, std=(1 / self.C / 3) ** 0.5)
         if init_head >= 0:
