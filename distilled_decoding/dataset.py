@@ -61,68 +61,23 @@ from torch.utils.data import Dataset
 
 from teachers.base import SamplingConfig, Teacher
 
+from .distributed import barrier as _barrier, broadcast_object as _broadcast, default_device as _default_device, dist_info as _dist_info, finish_distributed, init_distributed
 from .dpm_solver import SPACINGS, VARIANTS
+from .fileio import atomic_write, json_bytes as _json_bytes, normalise_json as _normalise
 from .flowmap import FlowMapConfig, flow_map
+from .seeding import LABEL_MODES, noise_fingerprint, sample_labels, sample_noise, sample_seed  # noqa: F401
 from .teacher_spec import TeacherSpec, resolve_sampling, teacher_options
 
 FORMAT = "dd-pairs"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRESS_DIR = ".progress"
-LABEL_MODES = ("uniform", "balanced")
 # FlowMapConfig fields that change how, not what, is computed (kept in the manifest, not compared).
 FLOW_MAP_NON_DATA = ("mem_budget_mb",)
 
 
 class DatasetError(RuntimeError):
     """A data set directory that cannot be used as asked (other settings, corrupt shard, ...)."""
-
-
-# ---- per-sample randomness ----------------------------------------------------------------------
-def sample_seed(seed: int, index: int, stream: str) -> int:
-    """The 63-bit generator seed of one sample's `stream` ("noise", "label", "balanced")."""
-    h = hashlib.blake2b(f"{stream}:{int(seed)}:{int(index)}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-def _generator(seed: int, index: int, stream: str) -> torch.Generator:
-    return torch.Generator().manual_seed(sample_seed(seed, index, stream))
-
-
-def _as_list(indices) -> list:
-    if isinstance(indices, torch.Tensor):
-        return indices.reshape(-1).tolist()
-    return [int(i) for i in indices]
-
-
-def sample_noise(seed: int, indices, n: int, C: int) -> torch.Tensor:
-    """indices [B] global sample indices -> noise [B, n, C] fp32 on the CPU."""
-    idx = _as_list(indices)
-    out = torch.empty(len(idx), n, C)
-    for b, i in enumerate(idx):
-        out[b].normal_(generator=_generator(seed, i, "noise"))  # = torch.randn(n, C, generator=...)
-    return out
-
-
-def sample_labels(seed: int, indices, num_classes: int, balanced: bool) -> torch.Tensor:
-    """indices [B] -> class labels [B] int64 (see the module docstring for both modes)."""
-    idx = _as_list(indices)
-    if not balanced:
-        return torch.tensor([int(torch.randint(num_classes, (1,), generator=_generator(seed, i, "label")))
-                             for i in idx], dtype=torch.long)
-    perms = {}
-    out = []
-    for i in idx:
-        block = i // num_classes
-        if block not in perms:
-            perms[block] = torch.randperm(num_classes, generator=_generator(seed, block, "balanced"))
-        out.append(int(perms[block][i % num_classes]))
-    return torch.tensor(out, dtype=torch.long)
-
-
-def noise_fingerprint(seed: int, n: int, C: int) -> str:
-    """sha256 (16 hex) of the noise of samples 0..3: detects a changed CPU RNG."""
-    return hashlib.sha256(sample_noise(seed, range(4), n, C).numpy().tobytes()).hexdigest()[:16]
 
 
 # ---- the pair definition ------------------------------------------------------------------------
@@ -166,39 +121,6 @@ def num_shards(num_samples: int, shard_size: int) -> int:
 
 def token_dtype(vocab_size: int) -> torch.dtype:
     return torch.int16 if vocab_size <= 2 ** 15 else torch.int32
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either absent/old or complete (tmp, fsync, rename)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
-
-
-def _normalise(obj):
-    """JSON round trip, so tuples and lists (and int keys) compare equal."""
-    return json.loads(json.dumps(obj))
 
 
 def diff_settings(old, new, prefix: str = "") -> list:
@@ -318,25 +240,6 @@ def _finished_shards(root: str, manifest: Optional[dict], settings: dict, num_sa
             continue
         done[k] = e
     return done
-
-
-def _dist_info() -> tuple:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _broadcast(obj, rank: int, world: int):
-    if world == 1:
-        return obj
-    box = [obj if rank == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
 
 
 def build_shard(teacher: Teacher, k: int, *, settings: dict, num_samples: int, sampling: SamplingConfig,
@@ -729,26 +632,6 @@ def flow_map_options(f):
     return wrapper
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _init_distributed(device: str) -> tuple:
-    """Join the torchrun process group if launched under one -> (device, initialised_here)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or torch.distributed.is_initialized():
-        return device, False
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        device = f"cuda:{local}"
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    torch.distributed.init_process_group(backend=backend)
-    return device, True
-
-
 @click.command("build-dataset")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--num-samples", required=True, type=click.IntRange(min=1), help="Number of pairs.")
@@ -770,7 +653,7 @@ def build_dataset_command(out, num_samples, shard_size, batch_size, seed, labels
     Resumable (re-run the same command), extendable (a larger --num-samples), and multi-process
     under `torchrun --nproc_per_node=K -m distilled_decoding build-dataset ...`.
     """
-    device, own_pg = _init_distributed(device or _default_device())
+    _, _, device, own_pg = init_distributed(device)
     try:
         teacher = teacher_spec.load(device)
         sampling = resolve_sampling(teacher, sampling_overrides)
@@ -780,8 +663,7 @@ def build_dataset_command(out, num_samples, shard_size, batch_size, seed, labels
     except DatasetError as e:
         raise click.ClickException(str(e)) from e
     finally:
-        if own_pg:
-            torch.distributed.destroy_process_group()
+        finish_distributed(own_pg)
 
 
 @click.group("dataset")

@@ -59,6 +59,9 @@ import torch
 
 from teachers.base import SamplingConfig, Teacher
 
+from .distributed import default_device
+from .seeding import sample_generators
+
 Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
 
 LABEL_MODES = ("balanced", "uniform")
@@ -122,15 +125,6 @@ def default_regen(trained: Sequence[int]) -> Optional[Tuple[int, int]]:
 
 
 # ---- randomness ---------------------------------------------------------------------------------
-def sample_generators(seed: int, indices, stream: str, device: Union[str, torch.device] = "cpu"
-                      ) -> List[torch.Generator]:
-    """One generator per global sample index, seeded from (seed, index, stream)."""
-    from .dataset import sample_seed
-    dev = torch.device(device)
-    idx = indices.reshape(-1).tolist() if isinstance(indices, torch.Tensor) else [int(i) for i in indices]
-    return [torch.Generator(device=dev).manual_seed(sample_seed(seed, i, stream)) for i in idx]
-
-
 def draw(probs: torch.Tensor, generator: Generators = None) -> torch.Tensor:
     """Multinomial draw: probs [B, k, V] -> idx [B, k] int64.
 
@@ -524,10 +518,6 @@ def _check_labels(labels: str, num_classes: int) -> None:
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _sampling(teacher: Teacher, base: Optional[dict], overrides: dict) -> SamplingConfig:
     from .teacher_spec import resolve_sampling
     s = resolve_sampling(teacher, {})
@@ -642,7 +632,7 @@ def sample_cmd(out, run, steps, timesteps, split, snap, regen, baseline, skip_fi
       dd sample --data DS --out OUT --baseline onestep     # independent token marginals
       dd sample --run RUN --out OUT --compare --num-samples 8
     """
-    device = device or _default_device()
+    device = device or default_device()
     num_samples = num_samples or (8 if compare else 64)
     overrides = {"cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p}
     modes = [n for n, v in (("--regen", regen), ("--baseline", baseline), ("--compare", compare)) if v]

@@ -35,7 +35,6 @@ import dataclasses
 import importlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple, Union
 
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fileio import atomic_json, link_or_copy, save_state_dict  # noqa: F401
 from .flowmap import nearest_code
 
 # family -> "module:Class" of its backbone (imported lazily: the backbone files import FinalLayer from here)
@@ -350,34 +350,6 @@ def load_official(path, teacher, *, ema: bool = True, timesteps: Optional[Sequen
 
 
 # ---- run directories --------------------------------------------------------------------------
-def _atomic_json(path: str, obj) -> None:
-    from .dataset import atomic_write
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode())
-
-
-def save_state_dict(path: str, state: dict, metadata: Optional[dict] = None) -> None:
-    """Atomic safetensors write of {key: tensor} (contiguous CPU copies)."""
-    from safetensors.torch import save_file
-    tmp = f"{path}.tmp.{os.getpid()}"
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def link_or_copy(src: str, dst: str) -> None:
-    """Make dst the same bytes as src: a hard link when possible (no extra disk), else a copy;
-    atomic either way."""
-    tmp = f"{dst}.tmp.{os.getpid()}"
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
-
-
 def save_run(run_dir: str, student: DDStudent, ema_state: Optional[dict], config: StudentConfig,
              extra: dict) -> None:
     """Write a self-contained run directory (see the module docstring).
@@ -400,7 +372,7 @@ def save_run(run_dir: str, student: DDStudent, ema_state: Optional[dict], config
 def write_run_config(run_dir: str, config: StudentConfig, extra: dict) -> None:
     info = dict(extra)
     info.update({"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "student": config.to_dict()})
-    _atomic_json(os.path.join(run_dir, CONFIG_FILE), info)
+    atomic_json(os.path.join(run_dir, CONFIG_FILE), info)
 
 
 def read_run_config(run_dir: str) -> dict:

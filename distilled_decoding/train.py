@@ -31,7 +31,6 @@ import contextlib
 import copy
 import dataclasses
 import glob
-import hashlib
 import inspect
 import json
 import os
@@ -45,6 +44,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .dataset import PairDataset
+from .distributed import barrier as _barrier, finish_distributed, init_distributed, mean_over_ranks as _mean_over_ranks
+from .fileio import file_sha256
+from .seeding import sample_timestep
 from .student import (DDStudent, build_student, dd_loss, link_or_copy, mse_emb_loss, save_state_dict,
                       write_run_config, CODEBOOK_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE)
 
@@ -96,53 +98,7 @@ class TrainArgs:
         return d
 
 
-# ---- distributed ------------------------------------------------------------------------------
-def init_distributed(device: Optional[str]) -> tuple:
-    """-> (rank, world, device, initialised_here). Joins the torchrun group when WORLD_SIZE > 1:
-    nccl on CUDA (device cuda:LOCAL_RANK), gloo on CPU."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, device, False
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        device = f"cuda:{local}"
-        torch.cuda.set_device(device)
-    own = False
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        own = True
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device, own
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
-def _mean_over_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        values = values.clone()
-        torch.distributed.all_reduce(values)
-        values /= world
-    return values
-
-
 # ---- the batch stream -------------------------------------------------------------------------
-def _mix64(x: int) -> int:
-    """splitmix64 finaliser."""
-    x &= (1 << 64) - 1
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
-    return x ^ (x >> 31)
-
-
-def sample_timestep(timesteps: Sequence[int], seed: int, epoch: int, position: int) -> int:
-    """The training timestep of dataset item `position` in `epoch` (uniform over `timesteps`)."""
-    h = _mix64(_mix64(_mix64(seed + 0x9E3779B97F4A7C15) + epoch) + position)
-    return int(timesteps[h % len(timesteps)])
-
-
 class WithTimesteps(Dataset):
     """Items keyed by (epoch, position): the PairDataset item plus its timestep "t"."""
 
@@ -276,11 +232,6 @@ def load_checkpoint(path: str, student: DDStudent, ema: DDStudent, opt: torch.op
         return json.load(f)
 
 
-def _sha256_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 # ---- training ---------------------------------------------------------------------------------
 def resolve_precision(precision: Optional[str], device: str) -> str:
     if precision is None:
@@ -298,8 +249,7 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
         _barrier(world)
         return last
     finally:
-        if own_pg:
-            torch.distributed.destroy_process_group()
+        finish_distributed(own_pg)
 
 
 def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[str], None]) -> dict:
@@ -333,7 +283,7 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
 
     # -- resume --
-    manifest_sha = _sha256_file(os.path.join(args.data, "manifest.json"))
+    manifest_sha = file_sha256(os.path.join(args.data, "manifest.json"))
     step = 0
     ckpt = latest_checkpoint(out)
     if args.resume:

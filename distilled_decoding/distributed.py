@@ -1,0 +1,66 @@
+"""torchrun process groups and the default device, for every stage that runs on several ranks.
+
+Outside torchrun (WORLD_SIZE unset or 1) everything is a no-op with rank 0 of 1.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed(device: Optional[str]) -> tuple:
+    """-> (rank, world, device, initialised_here). Joins the torchrun group when WORLD_SIZE > 1:
+    nccl on CUDA (device cuda:LOCAL_RANK), gloo on CPU. device None = `default_device()`."""
+    device = device or default_device()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device, False
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    own = False
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        own = True
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device, own
+
+
+def finish_distributed(initialised_here: bool) -> None:
+    if initialised_here:
+        torch.distributed.destroy_process_group()
+
+
+def dist_info() -> tuple:
+    """(rank, world) of the current process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def broadcast_object(obj, rank: int, world: int):
+    """Rank 0's `obj` on every rank."""
+    if world == 1:
+        return obj
+    box = [obj if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def mean_over_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+        values /= world
+    return values
