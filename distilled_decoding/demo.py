@@ -109,7 +109,8 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
     """Run the pipeline into `out` and return {"rows": [...], "table": markdown}. Re-running reuses
     the finished data set and training run (both resume) and re-draws the samples."""
     from teachers import load_teacher
-    from teachers.zoo import digits_data, digits_extractor
+    from teachers.zoo import digits_data
+    from .metrics import DigitsExtractor
     from .sampling import default_regen
     from .student import read_run_config
 
@@ -159,7 +160,7 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
     os.replace(os.path.join(smp, "compare", "compare.png"), compare)
 
     real, real_labels = digits_data("test")
-    scores = evaluate(dirs, real, real_labels, digits_extractor(device))
+    scores = evaluate(dirs, real, real_labels, DigitsExtractor(device))
     t_teacher = _timing(dirs["teacher"])["seconds_per_image"]
     rows = []
     for key, label, steps, _ in methods:

@@ -9,8 +9,8 @@ Pure functions over features (numpy or torch, any device):
 Features come from a pluggable `FeatureExtractor` (images [N, 3, H, W] in [0, 1] -> [N, D] fp32,
 optionally logits [N, K] for IS), picked by `get_extractor(spec, device)`:
     "inception:PATH"   pytorch-fid's Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth);
-    "NAME"             a factory registered with `register_extractor(NAME, factory)` (the tiny zoo
-                       registers "digits");
+    "NAME"             a factory registered with `register_extractor(NAME, factory)` ("digits":
+                       the tiny zoo's classifier, `DigitsExtractor`);
     "pkg.module:attr"  any importable factory `attr(device=...) -> FeatureExtractor`.
 
 Images are ADM-format `.npz` files (`arr_0`: uint8 [N, H, W, 3], streamed, never loaded whole) or
@@ -300,8 +300,31 @@ def register_extractor(name: str, factory: Union[ExtractorFactory, str], overwri
     EXTRACTORS[name] = factory
 
 
-# The zoo's digits classifier (128-d features + 10 logits), imported only when asked for.
-register_extractor("digits", "teachers.zoo:digits_extractor")
+class DigitsExtractor(FeatureExtractor):
+    """The zoo's digits classifier (`teachers.zoo.load_classifier`): 128-d features (FID,
+    precision/recall) and its 10 class logits (IS), from one forward pass. Images must be 16x16."""
+
+    name = "digits"
+
+    def __init__(self, device: Union[str, torch.device] = "cpu") -> None:
+        from teachers.zoo import load_classifier   # the zoo (and its weights) only when asked for
+
+        self.device = torch.device(device)
+        self.classifier = load_classifier(self.device)
+
+    @torch.no_grad()
+    def features_and_logits(self, images, want_logits=True):
+        feats, lg = self.classifier.features_and_logits(images)
+        return feats.float(), (lg.float() if want_logits else None)
+
+    def features(self, images):
+        return self.features_and_logits(images, want_logits=False)[0]
+
+    def logits(self, images):
+        return self.features_and_logits(images)[1]
+
+
+register_extractor("digits", DigitsExtractor)
 
 
 def _import_attr(spec: str):

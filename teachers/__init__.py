@@ -5,27 +5,18 @@
     t = load_teacher("var", "d16", checkpoint="var_d16.pth", tokenizer_checkpoint="vae_ch160v4096z32.pth")
     t = load_teacher("digits-llamagen")          # a shipped tiny teacher (teachers/zoo)
 
-Each family module exposes `PRESETS` (named configs, the CLI's choices) and
-`load(config, checkpoint, tokenizer_config, tokenizer_checkpoint, device, dtype, **options)`.
+The families (name -> module) are in `teachers/families.py`.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Union
 
 import torch
 
 from .base import DecodeState, SamplingConfig, Teacher  # noqa: F401
+from .families import FAMILIES, family_module
 
-__all__ = ["DecodeState", "SamplingConfig", "Teacher", "load_teacher", "family_module", "zoo_names"]
-
-FAMILIES = {"llamagen": "teachers.llamagen", "var": "teachers.var"}
-
-
-def family_module(family: str):
-    if family not in FAMILIES:
-        raise ValueError(f"unknown teacher family {family!r}; choose from {sorted(FAMILIES)}")
-    return importlib.import_module(FAMILIES[family])
+__all__ = ["DecodeState", "SamplingConfig", "Teacher", "FAMILIES", "load_teacher", "family_module", "zoo_names"]
 
 
 def zoo_names() -> list:

@@ -103,12 +103,17 @@ def test_samples_are_recognised(teachers, classifier, name):
 def test_digits_extractor(heldout):
     from distilled_decoding import metrics
 
-    ext = zoo.digits_extractor("cpu")
-    x, _ = heldout
+    ext = metrics.get_extractor("digits", "cpu")
+    x, y = heldout
     f, lg = ext.features_and_logits(x[:5])
     assert f.shape == (5, 128) and lg.shape == (5, 10) and ext.name == "digits"
-    assert metrics.EXTRACTORS["digits"] == "teachers.zoo:digits_extractor"   # registered by metrics
-    assert metrics.get_extractor("digits").features(x[:3]).shape == (3, 128)
+    assert metrics.EXTRACTORS["digits"] is metrics.DigitsExtractor   # a callable, not an import string
+    assert ext.has_logits and ext.features(x[:3]).shape == (3, 128)
+    # the extractor is the zoo's classifier: same features, and its logits classify the held-out digits
+    clf = zoo.load_classifier()
+    with torch.no_grad():
+        assert torch.equal(f, clf.features(x[:5])) and torch.equal(ext.logits(x[:5]), clf(x[:5]))
+    assert (ext.logits(x[:50]).argmax(1) == y[:50]).float().mean() > 0.9
 
 
 def test_missing_files_say_how_to_make_them(tmp_path, monkeypatch):

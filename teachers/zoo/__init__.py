@@ -18,9 +18,8 @@ ZOO maps a name to (family, file stem); the weights and config of `<stem>` live 
 "vae.") and `<stem>.json` (official hyper-parameter names, the DD sampling defaults, how it was
 trained and what it measured).
 
-Feature extractor "digits" for `dd eval`: `digits_extractor(device)` builds it. Importing this module
-never imports `distilled_decoding.metrics`; metrics registers "digits" as the string
-"teachers.zoo:digits_extractor" and resolves it on first use.
+`dd eval --extractor digits` wraps the classifier (`distilled_decoding.metrics.DigitsExtractor`);
+like everything in `teachers/`, the zoo imports nothing from `distilled_decoding/`.
 """
 from __future__ import annotations
 
@@ -138,22 +137,6 @@ def load_classifier(device: Union[str, torch.device] = "cpu") -> DigitsClassifie
     return model.to(device).eval().requires_grad_(False)
 
 
-def digits_extractor(device: Union[str, torch.device] = "cpu"):
-    """The "digits" feature extractor of `dd eval`: 128-d classifier features (FID, precision/recall)
-    and the 10 class logits (IS). Images must be 16x16."""
-    from distilled_decoding.metrics import ModuleExtractor
-
-    class _Both(nn.Module):
-        def __init__(self, clf):
-            super().__init__()
-            self.clf = clf
-
-        def forward(self, x):
-            return self.clf.features_and_logits(x)
-
-    return ModuleExtractor(_Both(load_classifier(device)), name="digits", returns_logits=True, device=device)
-
-
 # ---- the teachers ------------------------------------------------------------------------------
 def load(name: str, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = torch.float32,
          weights_only: bool = True, **options):
@@ -163,9 +146,9 @@ def load(name: str, device: Union[str, torch.device] = "cpu", dtype: Optional[to
     weights_only is accepted for interface compatibility (safetensors never unpickle)."""
     from safetensors.torch import load_file
 
-    from .. import family_module
     from ..base import SamplingConfig
     from ..checkpoint import file_sha256
+    from ..families import family_module
 
     if name not in ZOO:
         raise ValueError(f"unknown zoo teacher {name!r}; choose from {sorted(ZOO)}")
