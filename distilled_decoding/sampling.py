@@ -60,11 +60,10 @@ import torch
 from teachers.base import SamplingConfig, Teacher
 
 from .distributed import default_device
-from .seeding import sample_generators
+from .seeding import LABEL_MODES, sample_generators, sample_labels, sample_noise
 
 Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
 
-LABEL_MODES = ("balanced", "uniform")
 SKIP_FILLS = ("draw", "drop")
 
 
@@ -248,7 +247,7 @@ class TokenMarginals:
     @classmethod
     def from_dataset(cls, root: str, conditional: bool = True, max_pairs: Optional[int] = None) -> "TokenMarginals":
         from safetensors import safe_open
-        from .dataset import read_manifest
+        from .pairs import read_manifest
         m = read_manifest(root)
         toks, labs, have = [], [], 0
         for e in m["shards"]:
@@ -479,7 +478,6 @@ class Plan:
         """-> (decoder input: embeddings [B, n, C] or tokens [B, m], tokens [B, m] int64)."""
         t = self.teacher
         if self.mode in ("dd", "regen"):
-            from .dataset import sample_noise
             noise = sample_noise(seed, indices, t.num_tokens, t.embed_dim).to(device)
             if self.mode == "dd":
                 x, idx = dd_sample(self.student, noise, labels, self.timesteps, split=self.split, snap=self.snap)
@@ -499,7 +497,6 @@ class Plan:
 
 def make_labels(seed: int, indices: List[int], num_classes: int, labels: str) -> torch.Tensor:
     """--labels balanced | uniform (as the data set) | comma-separated class ids (cycled)."""
-    from .dataset import sample_labels
     if labels in LABEL_MODES:
         return sample_labels(seed, indices, num_classes, labels == "balanced")
     ids = [int(s) for s in labels.split(",") if s.strip()]
@@ -547,7 +544,7 @@ def _run_data_settings(info: dict) -> dict:
         if isinstance(d, dict):
             return d
     if isinstance(d, str) and os.path.exists(os.path.join(d, "manifest.json")):
-        from .dataset import read_manifest
+        from .pairs import read_manifest
         try:
             return read_manifest(d)["settings"]
         except Exception:  # noqa: BLE001 - an unreadable data set only loses the defaults
@@ -663,7 +660,7 @@ def sample_cmd(out, run, steps, timesteps, split, snap, regen, baseline, skip_fi
             student, info, teacher = _load_run(run, device, ema)
             sampling = _sampling(teacher, _run_sampling_base(info), overrides)
         else:
-            from .dataset import read_manifest
+            from .pairs import read_manifest
             from .teacher_spec import TeacherSpec
             m = read_manifest(data)
             teacher = TeacherSpec.from_dict(m["teacher_spec"]).load(device)
@@ -712,8 +709,8 @@ def sample_cmd(out, run, steps, timesteps, split, snap, regen, baseline, skip_fi
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(e)
     except Exception as e:  # noqa: BLE001 - data set / run errors of other modules
-        from .dataset import DatasetError
-        if isinstance(e, DatasetError):
+        from .shard_store import StoreError
+        if isinstance(e, StoreError):
             _fail(e)
         raise
 
@@ -770,7 +767,7 @@ def _run_plan(plan: Plan, out: str, *, num_samples: int, batch_size: int, seed: 
 @torch.no_grad()
 def _compare(out, student, teacher, info, trained, split, snap, regen, sampling, seed, num, labels, device):
     """compare.png: teacher (flow map) / DD-1 / DD-2 / teacher-mixed on the same noise and labels."""
-    from .dataset import generate_pairs, sample_noise
+    from .pairs import generate_pairs
     if student is None:
         _fail("--compare needs --run")
     idx = list(range(num))

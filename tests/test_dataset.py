@@ -16,8 +16,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from distilled_decoding.dataset import (DatasetError, PairDataset, build_dataset, generate_pairs,
-                                        read_manifest, sample_labels, sample_noise, shard_name, verify_dataset)
+from distilled_decoding.dataset import PairDataset
+from distilled_decoding.dataset_check import verify_dataset
+from distilled_decoding.pairs import DatasetError, build_dataset, generate_pairs, read_manifest
+from distilled_decoding.seeding import sample_labels, sample_noise
+from distilled_decoding.shard_store import shard_name
 from distilled_decoding.flowmap import FlowMapConfig
 from distilled_decoding.teacher_spec import TeacherSpec, parse_config, resolve_sampling
 from tiny_teachers import TINY, saved_teacher

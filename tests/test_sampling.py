@@ -16,7 +16,8 @@ from PIL import Image
 
 from distilled_decoding import sampling as S
 from distilled_decoding.cli import main
-from distilled_decoding.dataset import build_dataset, sample_labels, sample_noise
+from distilled_decoding.pairs import build_dataset
+from distilled_decoding.seeding import sample_labels, sample_noise
 from distilled_decoding.flowmap import FlowMapConfig
 from distilled_decoding.student import build_student, save_run
 from distilled_decoding.teacher_spec import resolve_sampling

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distilled_decoding.dataset import build_dataset
+from distilled_decoding.pairs import build_dataset
 from distilled_decoding.flowmap import FlowMapConfig, nearest_code
 from distilled_decoding.student import (DDStudent, StudentConfig, build_student, dd_loss, dd_step, default_schedule,
                                         load_official, load_run, make_xt, save_run)

@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distilled_decoding.dataset import generate_pairs, sample_labels, sample_noise  # noqa: E402
+from distilled_decoding.pairs import generate_pairs  # noqa: E402
+from distilled_decoding.seeding import sample_labels, sample_noise  # noqa: E402
 from distilled_decoding.flowmap import FlowMapConfig  # noqa: E402
 from distilled_decoding.teacher_spec import TeacherSpec, parse_config, resolve_sampling  # noqa: E402
 

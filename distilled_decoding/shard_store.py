@@ -1,0 +1,342 @@
+"""A resumable, verifiable, multi-rank store of per-sample tensors in shards: the one on-disk format
+of every stage that makes N samples (training pairs, generated images), parameterised by a
+`ShardSchema` (which tensors a shard holds) and a producer (shard -> tensors).
+
+**Shards.** Shard k always covers global indices [k*S, min((k+1)*S, N)) (S = `settings["shard_size"]`),
+so its contents do not depend on batch size, rank count or interruptions. Each shard is a safetensors
+file `shard-<k:05d>.safetensors` holding the schema's tensors, one row per sample, plus `index` [m]
+int64. Files are written atomically (temporary file, fsync, rename), followed by a record
+`.progress/shard-<k:05d>.json` (count, sha256, size). `manifest.json` holds the settings, the
+producer's extra entries, `num_samples`, a `complete` flag and, once complete, the shard list with
+counts and sha256.
+
+**Resume.** Re-running the same build skips finished shards (recorded, present, right size,
+parseable) and recomputes the rest. A larger `num_samples` extends a store. A directory made with
+other settings is refused, naming each differing setting; nothing already written is ever deleted
+except stale temporary files. A complete store asked for again is left byte-identical.
+
+**Several processes.** Under torchrun every rank calls `build_shards` alike: rank 0 checks the
+directory and lists the shards still to do, rank r produces every world-th of them, and rank 0
+writes the final manifest after a barrier.
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from .distributed import barrier, broadcast_object, dist_info
+from .fileio import atomic_write, file_sha256, json_bytes, sha256_bytes
+
+MANIFEST = "manifest.json"
+PROGRESS_DIR = ".progress"
+
+# (settings, count) -> {tensor name: shape} of a shard of `count` samples ("index" included)
+ShapesFn = Callable[[dict, int], Dict[str, tuple]]
+# (k, start, count, on_batch(num_done)) -> {tensor name: tensor [count, ...]} ("index" included)
+Producer = Callable[[int, int, int, Optional[Callable[[int], None]]], Dict[str, torch.Tensor]]
+
+
+class StoreError(RuntimeError):
+    """A store directory that cannot be used as asked (other settings, corrupt shard, ...)."""
+
+
+@dataclass(frozen=True)
+class ShardSchema:
+    """What one kind of store holds. format / version: the manifest's tag; made_by: the command that
+    writes it (for messages); noun: what a directory of it is called; unit: what a sample is called
+    (plural); shapes: the tensors of a shard."""
+
+    format: str
+    version: int
+    made_by: str
+    noun: str
+    unit: str
+    shapes: ShapesFn
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def shard_bounds(k: int, shard_size: int, num_samples: int) -> tuple:
+    """(start, count) of shard k."""
+    start = k * shard_size
+    return start, max(0, min(shard_size, num_samples - start))
+
+
+def num_shards(num_samples: int, shard_size: int) -> int:
+    return -(-num_samples // shard_size)
+
+
+def diff_settings(old, new, prefix: str = "") -> list:
+    """Dotted names of the leaves that differ between two JSON-like trees, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            name = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old:
+                out.append((name, "<absent>", new[k]))
+            elif k not in new:
+                out.append((name, old[k], "<absent>"))
+            else:
+                out += diff_settings(old[k], new[k], name)
+        return out
+    return [] if old == new else [(prefix or "<root>", old, new)]
+
+
+class ShardStore:
+    """One store directory `root` of `schema`: manifest, shard files and progress records."""
+
+    def __init__(self, root: str, schema: ShardSchema):
+        self.root, self.schema = os.fspath(root), schema
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def _progress_path(self, k: int) -> str:
+        return os.path.join(self.root, PROGRESS_DIR, f"shard-{k:05d}.json")
+
+    # ---- reading and checking --------------------------------------------------------------------
+    def read_manifest(self) -> dict:
+        path = self.path(MANIFEST)
+        sc = self.schema
+        if not os.path.exists(path):
+            raise StoreError(f"{self.root}: no {MANIFEST} (not a {sc.noun} made by {sc.made_by})")
+        try:
+            with open(path) as f:
+                m = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"{path}: unreadable manifest ({e})") from e
+        if m.get("format") != sc.format or m.get("format_version") != sc.version:
+            raise StoreError(f"{path}: format {m.get('format')!r} v{m.get('format_version')}, "
+                             f"this code reads {sc.format!r} v{sc.version}")
+        return m
+
+    def check_shard(self, entry: dict, settings: dict, *, verify_hash: bool) -> None:
+        """Raise StoreError naming the shard unless its file exists, has the recorded size (and sha256
+        when `verify_hash`), parses as safetensors and holds tensors of the recorded count and shapes."""
+        from safetensors import safe_open
+        path = self.path(entry["file"])
+        name = entry["file"]
+        if not os.path.exists(path):
+            raise StoreError(f"shard {name} is missing ({path})")
+        size = os.path.getsize(path)
+        if size != entry["bytes"]:
+            raise StoreError(f"shard {name} is corrupt or truncated: {size} bytes, manifest says {entry['bytes']}")
+        if verify_hash:
+            digest = file_sha256(path)
+            if digest != entry["sha256"]:
+                raise StoreError(f"shard {name} is corrupt: sha256 {digest[:16]}..., manifest says "
+                                 f"{entry['sha256'][:16]}...")
+        want = {k: tuple(v) for k, v in self.schema.shapes(settings, entry["count"]).items()}
+        try:
+            with safe_open(path, framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt shard
+            raise StoreError(f"shard {name} is corrupt: it does not parse as safetensors ({e})") from e
+        if shapes != want:
+            raise StoreError(f"shard {name} is corrupt: tensors {shapes}, expected {want}")
+
+    def load_shard(self, entry: dict) -> Dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+        return load_file(self.path(entry["file"]))
+
+    def verify(self, check_tensors: Optional[Callable[[dict, dict, dict], list]] = None,
+               log: Callable[[str], None] = print) -> list:
+        """Problems (empty = good) of a store: completeness; every shard present with the recorded
+        size and sha256, parsing, covering its range with `index`; then `check_tensors(settings,
+        entry, tensors) -> [problem]` of the producer."""
+        m = self.read_manifest()
+        st = m["settings"]
+        problems = []
+        if not m["complete"]:
+            problems.append(f"{self.root} is incomplete ({len(m['shards'])} of {m['num_shards']} shards recorded)")
+        expected = [shard_bounds(k, st["shard_size"], m["num_samples"]) for k in range(m["num_shards"])]
+        for k, e in enumerate(m["shards"]):
+            if e["shard"] != k or (e["start"], e["count"]) != expected[k]:
+                problems.append(f"manifest entry {k} ({e['file']}) covers start {e['start']} count {e['count']}, "
+                                f"expected {expected[k]}")
+                continue
+            try:
+                self.check_shard(e, st, verify_hash=True)
+            except StoreError as err:
+                problems.append(str(err))
+                continue
+            t = self.load_shard(e)
+            if not torch.equal(t["index"], torch.arange(e["start"], e["start"] + e["count"])):
+                problems.append(f"shard {e['file']}: index is not [{e['start']}, {e['start'] + e['count']})")
+            elif check_tensors is not None:
+                problems += check_tensors(st, e, t)
+        log(f"checked {len(m['shards'])} shards, {sum(e['count'] for e in m['shards'])} {self.schema.unit}: "
+            + ("ok" if not problems else f"{len(problems)} problem(s)"))
+        return problems
+
+    # ---- writing ---------------------------------------------------------------------------------
+    def write_shard(self, k: int, tensors: Dict[str, torch.Tensor]) -> dict:
+        """Write shard k atomically, then its progress record; return the record."""
+        from safetensors.torch import save
+        data = save({name: t.contiguous() for name, t in tensors.items()},
+                    metadata={"format": f"{self.schema.format}/{self.schema.version}"})
+        atomic_write(self.path(shard_name(k)), data)
+        index = tensors["index"]
+        entry = {"shard": k, "file": shard_name(k), "start": int(index[0]) if len(index) else 0,
+                 "count": int(index.numel()), "bytes": len(data), "sha256": sha256_bytes(data)}
+        atomic_write(self._progress_path(k), json_bytes(entry))
+        return entry
+
+    def finished_shards(self, manifest: Optional[dict], settings: dict, num_samples: int,
+                        warn: Callable[[str], None]) -> dict:
+        """{k: entry} of the shards that are done for `num_samples` and intact on disk (size + parse)."""
+        records = {}
+        for e in (manifest or {}).get("shards", []):
+            records[e["shard"]] = e
+        for p in sorted(glob.glob(os.path.join(self.root, PROGRESS_DIR, "shard-*.json"))):
+            try:
+                with open(p) as f:
+                    e = json.load(f)
+                records[e["shard"]] = e
+            except (OSError, json.JSONDecodeError, KeyError):
+                warn(f"ignoring unreadable progress record {p}")
+        done = {}
+        S = settings["shard_size"]
+        for k, e in sorted(records.items()):
+            start, count = shard_bounds(k, S, num_samples)
+            if count == 0 or e.get("start") != start or e.get("count") != count:
+                continue  # e.g. the old last shard of a store being extended: rebuilt
+            try:
+                self.check_shard(e, settings, verify_hash=False)
+            except StoreError as err:
+                warn(f"{err}; rebuilding it")
+                continue
+            done[k] = e
+        return done
+
+    def manifest(self, settings: dict, extra: dict, num_samples: int, build_info: dict, shards: list,
+                 complete: bool) -> dict:
+        return {"format": self.schema.format, "format_version": self.schema.version, "complete": complete,
+                "num_samples": int(num_samples), "num_shards": num_shards(num_samples, settings["shard_size"]),
+                "settings": settings, **extra,
+                "build": dict(build_info, updated=datetime.datetime.now().isoformat(timespec="seconds")),
+                "shards": shards}
+
+    def prepare(self, settings: dict, extra: dict, num_samples: int, build_info: dict,
+                warn: Callable[[str], None]) -> dict:
+        """Rank 0, before any shard is written: check the directory, clean temporaries, plan the work."""
+        out = self.root
+        old = None
+        if os.path.exists(self.path(MANIFEST)):
+            old = self.read_manifest()
+            diffs = diff_settings(old["settings"], settings)
+            if diffs:
+                lines = "\n".join(f"  {name}: {a!r} in {out} vs {b!r} now" for name, a, b in diffs)
+                raise StoreError(f"{out} holds a {self.schema.noun} built with other settings:\n{lines}\n"
+                                 "Use another --out, or the settings it was built with.")
+            if num_samples < old["num_samples"]:
+                raise StoreError(f"{out} holds {old['num_samples']} samples; --num-samples {num_samples} "
+                                 "would shrink it (take a subset when loading instead)")
+        elif glob.glob(self.path("shard-*.safetensors")):
+            raise StoreError(f"{out} holds shards but no {MANIFEST}; refusing to mix {self.schema.noun}s")
+        os.makedirs(os.path.join(out, PROGRESS_DIR), exist_ok=True)
+        for p in glob.glob(self.path("*.tmp.*")) + glob.glob(os.path.join(out, PROGRESS_DIR, "*.tmp.*")):
+            os.remove(p)  # temporaries of an interrupted run; finished files are never touched
+        done = self.finished_shards(old, settings, num_samples, warn)
+        todo = [k for k in range(num_shards(num_samples, settings["shard_size"])) if k not in done]
+        if old is not None and old.get("complete") and not todo and old["num_samples"] == num_samples:
+            # Nothing to do: leave manifest.json byte-identical (consumers record its sha256).
+            self._drop_progress_dir()
+            return {"done": sorted(done), "todo": [], "unchanged": True}
+        shards = [done[k] for k in sorted(done)]
+        atomic_write(self.path(MANIFEST),
+                     json_bytes(self.manifest(settings, extra, num_samples, build_info, shards, complete=not todo)))
+        return {"done": sorted(done), "todo": todo}
+
+    def finalise(self, settings: dict, extra: dict, num_samples: int, build_info: dict,
+                 warn: Callable[[str], None]) -> dict:
+        """Rank 0, after every rank's barrier: collect the shard records into the final manifest."""
+        old = self.read_manifest()
+        done = self.finished_shards(old, settings, num_samples, warn)
+        expected = num_shards(num_samples, settings["shard_size"])
+        missing = [k for k in range(expected) if k not in done]
+        if missing:
+            raise StoreError(f"{self.root}: shards {missing[:10]} are missing after the build")
+        manifest = self.manifest(settings, extra, num_samples, build_info, [done[k] for k in range(expected)], True)
+        atomic_write(self.path(MANIFEST), json_bytes(manifest))
+        for p in glob.glob(os.path.join(self.root, PROGRESS_DIR, "shard-*.json")):
+            os.remove(p)  # the manifest now holds these records
+        self._drop_progress_dir()
+        return manifest
+
+    def _drop_progress_dir(self) -> None:
+        try:
+            os.rmdir(os.path.join(self.root, PROGRESS_DIR))
+        except OSError:
+            pass
+
+
+def build_shards(store: ShardStore, settings: dict, num_samples: int, produce: Producer, *, extra: dict,
+                 build_info: dict, show_progress: bool = True, desc: str = "build",
+                 log: Callable[[str], None] = print) -> Optional[dict]:
+    """Build (or complete, or extend) `store` with `produce`. Returns the manifest on rank 0 (None on
+    the other ranks). Collective under torch.distributed: every rank calls it with the same arguments.
+
+    settings: what decides the data (compared on resume; holds "shard_size"); extra: more manifest
+    entries written beside the settings, not compared; build_info: how it was built, not compared.
+    """
+    rank, world = dist_info()
+    shard_size = settings["shard_size"]
+    if num_samples <= 0 or shard_size <= 0:
+        raise ValueError("num_samples and shard_size must be positive")
+    out, unit = store.root, store.schema.unit
+    warn = (lambda msg: log(f"warning: {msg}")) if rank == 0 else (lambda msg: None)
+
+    plan = None
+    if rank == 0:
+        try:
+            plan = store.prepare(settings, extra, num_samples, build_info, warn)
+        except StoreError as e:
+            plan = {"error": str(e)}
+    plan = broadcast_object(plan, rank, world)
+    if "error" in plan:
+        raise StoreError(plan["error"])
+    if plan.get("unchanged"):
+        if rank == 0:
+            log(f"{out}: complete, {num_samples} {unit} with these settings; nothing to build")
+        return store.read_manifest() if rank == 0 else None
+    todo = plan["todo"]
+    mine = todo[rank::world]
+    S = shard_size
+    my_total = sum(shard_bounds(k, S, num_samples)[1] for k in mine)
+    if rank == 0:
+        log(f"{out}: {num_shards(num_samples, S)} shards of {S}; {len(plan['done'])} done, {len(todo)} to build"
+            + (f" on {world} ranks" if world > 1 else "") + f"; {num_samples} {unit} in all")
+
+    bar = None
+    if show_progress and rank == 0 and mine:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=my_total, unit=unit.rstrip("s"), desc=desc + (f" (rank 0 of {world})" if world > 1 else ""),
+                   dynamic_ncols=True, smoothing=0.1)
+    t0 = time.perf_counter()
+    try:
+        for k in mine:
+            start, count = shard_bounds(k, S, num_samples)
+            store.write_shard(k, produce(k, start, count, bar.update if bar is not None else None))
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t0
+    barrier(world)
+    manifest = None
+    if rank == 0:
+        manifest = store.finalise(settings, extra, num_samples, build_info, warn)
+        if my_total:
+            log(f"built {len(todo)} shards; rank 0: {my_total} {unit} in {elapsed:.1f}s "
+                f"({my_total / max(elapsed, 1e-9):.2f} {unit}/s)")
+    barrier(world)
+    return manifest
