@@ -4,7 +4,8 @@
     python tools/run_table.py --size default --out demo_out   # re-use `make demo`'s finished runs
 
 Writes results/digits_table.md (one Table-1 block per family, plus the stage times) and
-results/compare_<family>.png (rows teacher / DD 1-step / DD 2-step / teacher-mixed).
+results/compare_<family>.png (rows teacher / DD 1-step / DD 2-step / teacher-mixed), then quotes the
+table in README.md between its BEGIN/END markers (tests/test_docs.py checks that the two agree).
 """
 from __future__ import annotations
 
@@ -21,13 +22,29 @@ import torch  # noqa: E402
 
 from distilled_decoding.demo import SIZES, run_demo  # noqa: E402
 
+README = os.path.join(ROOT, "README.md")
+TABLE = os.path.join(ROOT, "results", "digits_table.md")
+BEGIN, END = "<!-- BEGIN results/digits_table.md -->", "<!-- END results/digits_table.md -->"
+
+
+def splice_readme(readme: str, table: str) -> str:
+    """The README text with `table` (digits_table.md's text, its "# " title dropped) between the markers."""
+    if readme.count(BEGIN) != 1 or readme.count(END) != 1 or readme.index(BEGIN) > readme.index(END):
+        raise ValueError(f"README.md must hold one {BEGIN} ... {END} section")
+    lines = table.strip("\n").split("\n")
+    if lines[0].startswith("# "):
+        lines = lines[1:]
+    body = "\n".join(lines).strip("\n")
+    return readme[: readme.index(BEGIN) + len(BEGIN)] + "\n" + body + "\n" + readme[readme.index(END):]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", nargs="+", default=["llamagen", "var"], choices=["llamagen", "var"])
     ap.add_argument("--size", default="large", choices=sorted(SIZES))
     ap.add_argument("--out", default=os.path.join(ROOT, "demo_out", "table"))
-    ap.add_argument("--results", default=os.path.join(ROOT, "results"))
+    ap.add_argument("--results", default=os.path.dirname(TABLE))
+    ap.add_argument("--no-readme", action="store_true", help="do not quote the new table in README.md")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -49,9 +66,16 @@ def main() -> None:
               f"torch {torch.__version__}, device {args.device}). ms / image is the model time per image "
               "(no VQ decoding) at the sampling batch size; speed-up is relative to the teacher row.\n")
     path = os.path.join(args.results, "digits_table.md")
+    table = header + "\n" + "\n\n".join(blocks) + "\n"
     with open(path, "w") as f:
-        f.write(header + "\n" + "\n\n".join(blocks) + "\n")
+        f.write(table)
     print(f"wrote {path}")
+    if not args.no_readme and os.path.abspath(path) == TABLE:
+        with open(README) as f:
+            text = splice_readme(f.read(), table)
+        with open(README, "w") as f:
+            f.write(text)
+        print(f"quoted it in {README}")
 
 
 if __name__ == "__main__":
