@@ -112,7 +112,7 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
     from teachers.zoo import digits_data
     from .metrics import DigitsExtractor
     from .sampling import default_regen
-    from .student import read_run_config
+    from .student_run import read_run_config
 
     name = f"digits-{family}"
     teacher = load_teacher(name, device=device)

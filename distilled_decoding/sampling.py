@@ -60,6 +60,8 @@ import torch
 from teachers.base import SamplingConfig, Teacher
 
 from .distributed import default_device
+from .samplers import dd_step
+from .schedule import make_xt
 from .seeding import LABEL_MODES, sample_generators, sample_labels, sample_noise
 
 Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
@@ -148,7 +150,6 @@ def dd_sample(student, noise: torch.Tensor, labels: torch.Tensor, timesteps: Seq
     """noise X₁ [B, n, C], labels [B] -> (x [B, n, C] final continuous output, idx [B, n] nearest codes).
 
     X ← F_θ(make_xt(X, X₁, t), t) for t in timesteps (e.g. (1,) or (1, 81))."""
-    from .student import dd_step, make_xt
     x, idx = noise, None
     for t in timesteps:
         tt = _t(noise.shape[0], t, noise.device)
@@ -162,7 +163,6 @@ def regen_sample(student, teacher: Teacher, noise: torch.Tensor, labels: torch.T
                  snap: bool = False, progress: Optional[Callable[[int], None]] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 4, paper pre-trained-a-b: (x [B, n, C], idx [B, n]); see the module docstring."""
-    from .student import dd_step, make_xt
     a, b = regen
     check_regen(a, b, student.config.timesteps, len(student.step_sizes))
     offs = student.step_offsets
@@ -524,7 +524,7 @@ def _sampling(teacher: Teacher, base: Optional[dict], overrides: dict) -> Sampli
 
 
 def _load_run(run: str, device: str, ema: bool):
-    from .student import load_run
+    from .student_run import load_run
     from .teacher_spec import TeacherSpec
     student, info = load_run(run, device, ema=ema)
     student.eval()

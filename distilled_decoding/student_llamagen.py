@@ -28,7 +28,7 @@ from torch import nn
 
 from teachers.llamagen import GPT_IGNORE, GPTConfig, LabelEmbedder, RMSNorm, RopeTable, TransformerBlock
 
-from .student import FinalLayer
+from .student_layers import FinalLayer
 
 
 @torch.no_grad()

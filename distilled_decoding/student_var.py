@@ -39,7 +39,7 @@ from torch import nn
 from teachers.var import (VAR_IGNORE, AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, VARConfig, init_linear_embedding_,
                           level_ids)
 
-from .student import FinalLayer
+from .student_layers import FinalLayer
 
 
 def dd_attn_bias(levels: torch.Tensor) -> torch.Tensor:

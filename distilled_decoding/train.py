@@ -10,15 +10,15 @@ the MSE in embedding space (`--emb-loss mse`) or LPIPS between images decoded by
 decoder (`--emb-loss lpips`: the sequence with the student's embeddings on the noise positions vs the
 target sequence). Per-sample means, then the batch mean.
 
-Determinism. The data order is `DistributedSampler(shuffle, seed, drop_last)` per epoch, and the
-timestep of a sample depends only on (seed, epoch, dataset position). Global batch j of an epoch is
-the same set of pairs for any number of ranks and any accumulation (`--grad-accum`), so runs on 1
-and K ranks see the same batches and timesteps; and `--resume` restarts the stream at the exact
-micro-batch, so the next losses are the ones an uninterrupted run would have logged.
+The loop itself (micro-batching, DDP, EMA, checkpoints, resume, metrics) is `trainer.train_loop`;
+this file brings the DD student, the pair data set and `dd_loss`. Determinism: the data order is the
+loop's (`trainer.MicroBatches`), and the timestep of a sample depends only on (seed, epoch, dataset
+position) (`seeding.sample_timestep`), so runs on 1 and K ranks, with any `--grad-accum`, and
+resumed runs see the same batches and timesteps.
 
 Run directory (`--out`):
 
-    config.json, student.safetensors, student_raw.safetensors, codebook.safetensors   (student.save_run)
+    config.json, student.safetensors, student_raw.safetensors, codebook.safetensors   (student_run.py)
     checkpoints/step-XXXXXXXX/{model,ema}.safetensors, optimizer.pt, state.json    (every --ckpt-every)
     metrics.jsonl                                                                  (every --log-every)
 
@@ -27,31 +27,26 @@ files (copies where links are impossible).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import glob
-import inspect
-import json
 import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import click
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset
 
 from .dataset import PairDataset
-from .distributed import barrier as _barrier, finish_distributed, init_distributed, mean_over_ranks as _mean_over_ranks
-from .fileio import file_sha256
+from .dd_loss import dd_loss, make_emb_loss
+from .distributed import barrier, finish_distributed, init_distributed
+from .fileio import file_sha256, save_state_dict
+from .run_dir import publish
 from .seeding import sample_timestep
-from .student import (DDStudent, build_student, dd_loss, link_or_copy, mse_emb_loss, save_state_dict,
-                      write_run_config, CODEBOOK_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE)
+from .student import DDStudent, build_student
+from .student_run import CODEBOOK_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE, write_run_config
+from .trainer import LoopConfig, micro_batch_size, resolve_precision, resume_or_refuse, train_loop, update_ema
 
-CKPT_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
 # Arguments that define the stream of batches, timesteps and updates: a resume must keep them.
 STREAM_ARGS = ("batch_size", "grad_accum", "seed", "timesteps", "lambda_ce", "lambda_emb", "emb_loss",
                "lpips_net", "lr", "weight_decay", "ema_decay", "grad_clip", "precision")
@@ -98,7 +93,6 @@ class TrainArgs:
         return d
 
 
-# ---- the batch stream -------------------------------------------------------------------------
 class WithTimesteps(Dataset):
     """Items keyed by (epoch, position): the PairDataset item plus its timestep "t"."""
 
@@ -115,150 +109,20 @@ class WithTimesteps(Dataset):
         return item
 
 
-class MicroBatches(Sampler):
-    """Infinite stream of this rank's micro-batches [(epoch, position), ...], from micro-batch `start`.
-
-    Epoch e's order is `DistributedSampler(num_replicas=world, rank, shuffle=True, seed, drop_last=True)`
-    after set_epoch(e); micro-batch m is slice m % M of it (M = len(sampler) // micro_batch).
-    """
-
-    def __init__(self, num_items: int, world: int, rank: int, micro_batch: int, seed: int, start: int = 0):
-        self.sampler = DistributedSampler(range(num_items), num_replicas=world, rank=rank, shuffle=True,
-                                          seed=seed, drop_last=True)
-        self.micro_batch, self.start = micro_batch, start
-        self.per_epoch = len(self.sampler) // micro_batch
-        if self.per_epoch < 1:
-            raise ValueError(f"{num_items} pairs are fewer than one batch ({micro_batch} per rank x {world} ranks)")
-
-    def __iter__(self):
-        m, epoch, order = self.start, None, None
-        b = self.micro_batch
-        while True:
-            e, j = divmod(m, self.per_epoch)
-            if e != epoch:
-                self.sampler.set_epoch(e)
-                epoch, order = e, list(self.sampler)
-            yield [(e, i) for i in order[j * b:(j + 1) * b]]
-            m += 1
-
-
-# ---- embedding losses -------------------------------------------------------------------------
-class LPIPSEmbLoss:
-    """d(pred, target) = LPIPS between the images the teacher's VQ decoder makes of the full sequence
-    (the student's embeddings on the noise positions, the target rows elsewhere) and of the target."""
-
-    def __init__(self, teacher, net: str = "vgg"):
-        try:
-            import lpips  # noqa: PLC0415 - optional dependency
-        except ImportError as e:
-            raise click.ClickException(
-                "--emb-loss lpips needs the `lpips` package, which needs torchvision: "
-                "pip install -e '.[lpips]' (or use --emb-loss mse)") from e
-        self.teacher = teacher
-        self.fn = lpips.LPIPS(net=net, verbose=False).to(teacher.device).eval().requires_grad_(False)
-        self.name = f"lpips ({net}) on images decoded by the teacher's VQ decoder"
-
-    def __call__(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        full = torch.where(mask[..., None], pred, target)                       # [B, n, C]
-        img = self.teacher.decode_differentiable(full)                          # [B, 3, H, W] in [-1, 1]
-        with torch.no_grad():
-            ref = self.teacher.decode_differentiable(target)
-        return self.fn(img, ref).reshape(-1)                                    # [B]
-
-
-def make_emb_loss(kind: str, teacher, net: str = "vgg"):
-    """-> (callable(pred, target, mask) -> [B], description)."""
-    if kind == "mse":
-        return mse_emb_loss, "mse in embedding space"
-    if kind == "lpips":
-        f = LPIPSEmbLoss(teacher, net)
-        return f, f.name
-    raise ValueError(f"unknown --emb-loss {kind!r} (mse | lpips)")
-
-
-# ---- EMA, checkpoints -------------------------------------------------------------------------
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema = decay·ema + (1 − decay)·model over parameters (DiT's update_ema); buffers are copied."""
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
-    for be, bm in zip(ema.buffers(), model.buffers()):
-        be.copy_(bm)
-
-
-def _ckpt_dirs(out: str) -> list:
-    """Complete checkpoint directories (state.json written last), oldest first."""
-    dirs = [d for d in glob.glob(os.path.join(out, CKPT_DIR, "step-*"))
-            if os.path.exists(os.path.join(d, "state.json"))]
-    return sorted(dirs)
-
-
-def latest_checkpoint(out: str) -> Optional[str]:
-    dirs = _ckpt_dirs(out)
-    return dirs[-1] if dirs else None
-
-
-def save_checkpoint(out: str, step: int, student: DDStudent, ema: DDStudent, opt: torch.optim.Optimizer,
-                    state: dict, keep: int) -> str:
-    """Write checkpoints/step-XXXXXXXX atomically (a temporary directory renamed into place)."""
-    root = os.path.join(out, CKPT_DIR)
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"step-{step:08d}")
-    tmp = os.path.join(root, f".tmp-step-{step:08d}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_state_dict(os.path.join(tmp, "model.safetensors"), student.backbone.state_dict(), {"weights": "raw"})
-    save_state_dict(os.path.join(tmp, "ema.safetensors"), ema.backbone.state_dict(), {"weights": "ema"})
-    torch.save({"optimizer": opt.state_dict()}, os.path.join(tmp, "optimizer.pt"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump(dict(state, step=step), f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in _ckpt_dirs(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: str, student: DDStudent, ema: DDStudent, opt: torch.optim.Optimizer) -> dict:
-    from safetensors.torch import load_file
-    dev = student.codebook.device
-    student.backbone.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=str(dev)), strict=True)
-    ema.backbone.load_state_dict(load_file(os.path.join(path, "ema.safetensors"), device=str(dev)), strict=True)
-    opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=dev, weights_only=True)["optimizer"])
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
-
-
-# ---- training ---------------------------------------------------------------------------------
-def resolve_precision(precision: Optional[str], device: str) -> str:
-    if precision is None:
-        return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
-    return precision
-
-
 def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
     """Train (or resume) a DD student; collective under torchrun. Returns the last metrics record."""
     rank, world, device, own_pg = init_distributed(args.device)
     try:
         last = _train(args, rank, world, device, log if rank == 0 else (lambda s: None))
-        _barrier(world)
+        barrier(world)
         return last
     finally:
         finish_distributed(own_pg)
 
 
 def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[str], None]) -> dict:
-    if args.batch_size % (world * args.grad_accum):
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by ranks x grad-accum "
-                         f"= {world} x {args.grad_accum}")
-    micro = args.batch_size // (world * args.grad_accum)
+    micro = micro_batch_size(args.batch_size, world, args.grad_accum)
     precision = resolve_precision(args.precision, device)
-    dev_type = torch.device(device).type
     out = args.out
     torch.manual_seed(args.seed * world + rank)
 
@@ -284,24 +148,17 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
 
     # -- resume --
     manifest_sha = file_sha256(os.path.join(args.data, "manifest.json"))
-    step = 0
-    ckpt = latest_checkpoint(out)
-    if args.resume:
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {os.path.join(out, CKPT_DIR)}")
-        state = load_checkpoint(ckpt, student, ema, opt)
-        old = state.get("train", {})
-        now = dict(args.to_dict(), timesteps=list(cfg.timesteps), precision=precision)
-        diffs = [(k, old.get(k), now[k]) for k in STREAM_ARGS if old.get(k) != now[k]]
-        if state.get("data_manifest_sha256") != manifest_sha:
-            diffs.append(("data (manifest.json sha256)", state.get("data_manifest_sha256"), manifest_sha))
-        if diffs:
-            raise ValueError("--resume with other settings than the run's: "
-                             + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs))
-        step = int(state["step"])
-        log(f"resumed from {ckpt} at step {step}")
-    elif ckpt is not None:
-        raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue it, or use another --out")
+    now = dict(args.to_dict(), timesteps=list(cfg.timesteps), precision=precision)
+    stream = {k: now[k] for k in STREAM_ARGS}
+    stream["data (manifest.json sha256)"] = manifest_sha
+
+    def saved_stream(state: dict) -> dict:
+        old = {k: state.get("train", {}).get(k) for k in STREAM_ARGS}
+        old["data (manifest.json sha256)"] = state.get("data_manifest_sha256")
+        return old
+
+    step = resume_or_refuse(out, args.resume, {"model": student.backbone, "ema": ema.backbone}, opt,
+                            student.codebook.device, stream, saved_stream, log)
 
     if getattr(student.backbone, "init_notes", None) and not args.resume:
         log(f"init: {student.backbone.init_notes}")
@@ -318,106 +175,43 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
         f"timesteps {cfg.timesteps}, split {cfg.split}; {len(pairs)} pairs; batch {args.batch_size} "
         f"= {world} rank(s) x {args.grad_accum} accum x {micro}; precision {precision}; embedding loss: {emb_desc}")
 
-    # -- loader --
-    batches = MicroBatches(len(pairs), world, rank, micro, args.seed, start=step * args.grad_accum)
-    loader = DataLoader(WithTimesteps(pairs, cfg.timesteps, args.seed), batch_sampler=batches,
-                        num_workers=args.num_workers, pin_memory=dev_type == "cuda",
-                        persistent_workers=args.num_workers > 0)
-    model = student
-    if world > 1:
-        # buffers (codebook, RoPE table, masks) never change: no per-forward broadcast
-        ddp = torch.nn.parallel.DistributedDataParallel
-        no_sync_kw = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                      else {"broadcast_buffers": False})
-        model = ddp(student, device_ids=[torch.device(device).index] if dev_type == "cuda" else None, **no_sync_kw)
     codebook = student.codebook
     offsets = student.step_offsets
-    autocast = (lambda: torch.autocast(device_type=dev_type, dtype=torch.bfloat16)) if precision == "bf16" \
-        else contextlib.nullcontext
 
-    metrics_path = os.path.join(out, METRICS_FILE)
+    def loss_fn(model: torch.nn.Module, batch: dict):
+        noise = batch["noise"].to(device, non_blocking=True).float()
+        tokens = batch["tokens"].to(device, non_blocking=True).long()
+        labels = batch["label"].to(device, non_blocking=True).long()
+        t = batch["t"].to(device, non_blocking=True).long()
+        return dd_loss(model, noise, tokens, labels, t, codebook=codebook, step_offsets=offsets,
+                       lambda_ce=args.lambda_ce, lambda_emb=args.lambda_emb, emb_loss=emb_loss)
+
+    def on_checkpoint(path: str, at: int) -> None:
+        _publish(out, path, student, cfg, dict(run_info, step=at))
+
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-        _truncate_metrics(metrics_path, step)
-    bar = None
-    if rank == 0 and args.progress and step < args.max_steps:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=args.max_steps, initial=step, desc="dd train", dynamic_ncols=True)
-
-    it = iter(loader)
-    last = {}
-    t_log, n_log = time.perf_counter(), 0
-    sums = torch.zeros(3, device=device, dtype=torch.float64)      # loss, ce, emb over the log window
-    try:
-        while step < args.max_steps:
-            step_sums = torch.zeros(3, device=device, dtype=torch.float64)
-            for k in range(args.grad_accum):
-                batch = next(it)
-                noise = batch["noise"].to(device, non_blocking=True).float()
-                tokens = batch["tokens"].to(device, non_blocking=True).long()
-                labels = batch["label"].to(device, non_blocking=True).long()
-                t = batch["t"].to(device, non_blocking=True).long()
-                sync = k == args.grad_accum - 1 or world == 1
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
-                    loss, parts = dd_loss(model, noise, tokens, labels, t, codebook=codebook, step_offsets=offsets,
-                                          lambda_ce=args.lambda_ce, lambda_emb=args.lambda_emb, emb_loss=emb_loss)
-                (loss / args.grad_accum).backward()
-                step_sums += torch.stack([loss.detach().double(), parts["ce"].mean().double(),
-                                          parts["emb"].mean().double()]) / args.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            update_ema(ema, student, args.ema_decay)
-            step += 1
-            step_sums = _mean_over_ranks(step_sums, world)
-            sums += step_sums
-            n_log += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_sums[0].item():.4f}")
-            if step % args.log_every == 0 or step == args.max_steps:
-                now = time.perf_counter()
-                avg = (sums / n_log).tolist()
-                last = {"step": step, "loss": avg[0], "ce": avg[1], "emb": avg[2],
-                        "grad_norm": float(grad_norm), "lr": args.lr,
-                        "it_per_s": n_log / max(now - t_log, 1e-9),
-                        "samples_per_s": n_log * args.batch_size / max(now - t_log, 1e-9)}
-                if rank == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(last) + "\n")
-                sums.zero_()
-                t_log, n_log = now, 0
-            if step % args.ckpt_every == 0 or step == args.max_steps:
-                if rank == 0:
-                    path = save_checkpoint(out, step, student, ema, opt,
-                                           {"train": run_info["train"], "metrics": last,
-                                            "data_manifest_sha256": manifest_sha}, args.keep_checkpoints)
-                    _publish(out, path, student, cfg, dict(run_info, step=step))
-                _barrier(world)
-    finally:
-        if bar is not None:
-            bar.close()
-    log(f"done: {step} steps; student in {out}")
+    loop = LoopConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, ema_decay=args.ema_decay,
+                      grad_clip=args.grad_clip, max_steps=args.max_steps, ckpt_every=args.ckpt_every,
+                      keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
+                      num_workers=args.num_workers, seed=args.seed, precision=precision, progress=args.progress)
+    last = train_loop(
+        model=student, ema=ema, opt=opt, loss_fn=loss_fn, dataset=WithTimesteps(pairs, cfg.timesteps, args.seed),
+        part_names=("ce", "emb"), cfg=loop, out=out, rank=rank, world=world, device=device, step=step,
+        checkpoint_weights=lambda: {"model": (student.backbone.state_dict(), {"weights": "raw"}),
+                                    "ema": (ema.backbone.state_dict(), {"weights": "ema"})},
+        checkpoint_state={"train": run_info["train"], "data_manifest_sha256": manifest_sha},
+        on_checkpoint=on_checkpoint, log=log, desc="dd train")
+    log(f"done: {max(step, args.max_steps)} steps; student in {out}")
     return last
 
 
 def _publish(out: str, ckpt: str, student: DDStudent, cfg, info: dict) -> None:
     """Point the run directory's student files at checkpoint `ckpt` (EMA as student.safetensors)."""
-    link_or_copy(os.path.join(ckpt, "ema.safetensors"), os.path.join(out, WEIGHTS_FILE))
-    link_or_copy(os.path.join(ckpt, "model.safetensors"), os.path.join(out, RAW_WEIGHTS_FILE))
+    publish(out, ckpt, {"ema.safetensors": WEIGHTS_FILE, "model.safetensors": RAW_WEIGHTS_FILE})
     if not os.path.exists(os.path.join(out, CODEBOOK_FILE)):
         save_state_dict(os.path.join(out, CODEBOOK_FILE), {"codebook": student.codebook.float()})
     write_run_config(out, cfg, dict(info, weights="ema"))
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop records after `step` (a resumed run rewrites them)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(keep)
 
 
 # ---- CLI --------------------------------------------------------------------------------------

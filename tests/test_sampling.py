@@ -19,7 +19,8 @@ from distilled_decoding.cli import main
 from distilled_decoding.pairs import build_dataset
 from distilled_decoding.seeding import sample_labels, sample_noise
 from distilled_decoding.flowmap import FlowMapConfig
-from distilled_decoding.student import build_student, save_run
+from distilled_decoding.student import build_student
+from distilled_decoding.student_run import save_run
 from distilled_decoding.teacher_spec import resolve_sampling
 from tiny_teachers import TINY, saved_teacher
 

@@ -17,11 +17,15 @@ import torch
 
 from distilled_decoding.pairs import build_dataset
 from distilled_decoding.flowmap import FlowMapConfig, nearest_code
-from distilled_decoding.student import (DDStudent, StudentConfig, build_student, dd_loss, dd_step, default_schedule,
-                                        load_official, load_run, make_xt, save_run)
+from distilled_decoding.dd_loss import dd_loss
+from distilled_decoding.samplers import dd_step
+from distilled_decoding.schedule import default_schedule, make_xt
+from distilled_decoding.student import DDStudent, StudentConfig, build_student, load_official
+from distilled_decoding.student_run import load_run, save_run
 from distilled_decoding.student_var import dd_attn_bias
 from distilled_decoding.teacher_spec import TeacherSpec, resolve_sampling
-from distilled_decoding.train import TrainArgs, sample_timestep, train
+from distilled_decoding.seeding import sample_timestep
+from distilled_decoding.train import TrainArgs, train
 from teachers.checkpoint import CheckpointMismatchError
 from teachers.var import level_ids
 from tiny_teachers import TINY, saved_teacher
@@ -222,7 +226,7 @@ def test_var_init_weight_mapping_and_start_slot(tiny):
                                                    ("LlamaGen-DD-L", "llamagen", "GPT-L", 8),
                                                    ("VAR-DD-d16", "var", "d16", 32)])
 def test_official_layout_manifests(name, family, preset, C):
-    from distilled_decoding.student import backbone_class
+    from distilled_decoding.student_backbones import backbone_class
     from teachers.llamagen import GPTConfig
     from teachers.var import PRESETS
     ref = MANIFEST[name]
@@ -406,7 +410,7 @@ def test_lpips_loss_decodes_through_the_teacher(tiny, monkeypatch, family):
     through the teacher's (differentiable) VQ decoder; a missing package gives a clear message."""
     import click
     import types
-    from distilled_decoding.train import make_emb_loss
+    from distilled_decoding.dd_loss import make_emb_loss
     _, teacher, _ = tiny[family]
     monkeypatch.setitem(sys.modules, "lpips", None)
     with pytest.raises(click.ClickException, match="torchvision"):

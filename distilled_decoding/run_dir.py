@@ -1,0 +1,117 @@
+"""A training run's directory on disk: its config.json, published weight files, checkpoints and
+metrics, for any method (what the files hold is the method's business).
+
+    config.json                                     write_run_config / read_run_config (format-tagged)
+    <published weights>.safetensors                 hard links to the latest checkpoint's (publish)
+    checkpoints/step-XXXXXXXX/<name>.safetensors, optimizer.pt, state.json   save_checkpoint
+    metrics.jsonl                                   one JSON record per logged step
+
+A checkpoint directory is written under a temporary name and renamed into place, with state.json
+written last, so only complete checkpoints are ever listed.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .fileio import atomic_json, link_or_copy, save_state_dict
+
+CONFIG_FILE = "config.json"
+CKPT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+# ---- config.json -------------------------------------------------------------------------------
+def write_run_config(run_dir: str, fmt: str, version: int, info: dict) -> None:
+    """config.json = info + {"format": fmt, "format_version": version} (atomic)."""
+    info = dict(info)
+    info.update({"format": fmt, "format_version": version})
+    atomic_json(os.path.join(run_dir, CONFIG_FILE), info)
+
+
+def read_run_config(run_dir: str, fmt: str, what: str = "run") -> dict:
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir} is not a {what} directory (no {CONFIG_FILE})")
+    with open(path) as f:
+        info = json.load(f)
+    if info.get("format") != fmt:
+        raise ValueError(f"{path}: format {info.get('format')!r}, expected {fmt!r}")
+    return info
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+def checkpoint_dirs(out: str) -> list:
+    """Complete checkpoint directories (state.json written last), oldest first."""
+    dirs = [d for d in glob.glob(os.path.join(out, CKPT_DIR, "step-*"))
+            if os.path.exists(os.path.join(d, STATE_FILE))]
+    return sorted(dirs)
+
+
+def latest_checkpoint(out: str) -> Optional[str]:
+    dirs = checkpoint_dirs(out)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(out: str, step: int, weights: Dict[str, Tuple[dict, dict]], optimizer_state: dict,
+                    state: dict, keep: int) -> str:
+    """Write checkpoints/step-XXXXXXXX atomically (a temporary directory renamed into place) and keep
+    the newest `keep`. weights: {file stem: (state dict, safetensors metadata)}."""
+    root = os.path.join(out, CKPT_DIR)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step-{step:08d}")
+    tmp = os.path.join(root, f".tmp-step-{step:08d}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for stem, (sd, meta) in weights.items():
+        save_state_dict(os.path.join(tmp, f"{stem}.safetensors"), sd, meta)
+    torch.save({"optimizer": optimizer_state}, os.path.join(tmp, OPTIMIZER_FILE))
+    with open(os.path.join(tmp, STATE_FILE), "w") as f:
+        json.dump(dict(state, step=step), f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str, stems, device) -> Tuple[Dict[str, dict], dict, dict]:
+    """-> ({stem: state dict on `device`}, optimizer state dict, state.json)."""
+    from safetensors.torch import load_file
+    weights = {s: load_file(os.path.join(path, f"{s}.safetensors"), device=str(device)) for s in stems}
+    opt = torch.load(os.path.join(path, OPTIMIZER_FILE), map_location=device, weights_only=True)["optimizer"]
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return weights, opt, json.load(f)
+
+
+def publish(out: str, ckpt: str, files: Dict[str, str]) -> None:
+    """Point run-directory files at a checkpoint's: {checkpoint file name: run file name}."""
+    for src, dst in files.items():
+        link_or_copy(os.path.join(ckpt, src), os.path.join(out, dst))
+
+
+# ---- metrics.jsonl ------------------------------------------------------------------------------
+def append_metrics(out: str, record: dict) -> None:
+    with open(os.path.join(out, METRICS_FILE), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(out: str, step: int) -> None:
+    """Drop records after `step` (a resumed run rewrites them)."""
+    path = os.path.join(out, METRICS_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(keep)

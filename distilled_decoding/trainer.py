@@ -1,0 +1,216 @@
+"""The training loop every distillation method shares, parameterised by a loss function.
+
+A method brings its model, its data set (items keyed by (epoch, position)) and
+`loss_fn(model, batch) -> (loss scalar, {name: [B] per-sample parts})`; `train_loop` does the rest:
+micro-batching and gradient accumulation, DDP under torchrun, bf16 autocast, gradient clipping, the
+EMA copy, metrics.jsonl, the progress bar, checkpoints every `ckpt_every` steps, and `resume`.
+
+Determinism. The data order is `DistributedSampler(shuffle, seed, drop_last)` per epoch
+(`MicroBatches`). Global batch j of an epoch is the same set of items for any number of ranks and any
+accumulation, so runs on 1 and K ranks see the same batches; and a resume restarts the stream at the
+exact micro-batch, so the next losses are the ones an uninterrupted run would have logged. A resume
+with settings that change that stream is refused (`resume_or_refuse`).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from .distributed import barrier, mean_over_ranks
+from .run_dir import (CKPT_DIR, append_metrics, latest_checkpoint, load_checkpoint, save_checkpoint,
+                      truncate_metrics)
+
+LossFn = Callable[[torch.nn.Module, dict], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+
+
+@dataclass
+class LoopConfig:
+    """What the loop needs of a method's options. precision: "fp32" | "bf16" (resolved)."""
+
+    batch_size: int
+    grad_accum: int
+    lr: float
+    ema_decay: float
+    grad_clip: float
+    max_steps: int
+    ckpt_every: int
+    keep_checkpoints: int
+    log_every: int
+    num_workers: int
+    seed: int
+    precision: str
+    progress: bool = True
+
+
+def micro_batch_size(batch_size: int, world: int, grad_accum: int) -> int:
+    if batch_size % (world * grad_accum):
+        raise ValueError(f"--batch-size {batch_size} is not divisible by ranks x grad-accum "
+                         f"= {world} x {grad_accum}")
+    return batch_size // (world * grad_accum)
+
+
+def resolve_precision(precision: Optional[str], device: str) -> str:
+    if precision is None:
+        return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    return precision
+
+
+class MicroBatches(Sampler):
+    """Infinite stream of this rank's micro-batches [(epoch, position), ...], from micro-batch `start`.
+
+    Epoch e's order is `DistributedSampler(num_replicas=world, rank, shuffle=True, seed, drop_last=True)`
+    after set_epoch(e); micro-batch m is slice m % M of it (M = len(sampler) // micro_batch).
+    """
+
+    def __init__(self, num_items: int, world: int, rank: int, micro_batch: int, seed: int, start: int = 0):
+        self.sampler = DistributedSampler(range(num_items), num_replicas=world, rank=rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+        self.micro_batch, self.start = micro_batch, start
+        self.per_epoch = len(self.sampler) // micro_batch
+        if self.per_epoch < 1:
+            raise ValueError(f"{num_items} pairs are fewer than one batch ({micro_batch} per rank x {world} ranks)")
+
+    def __iter__(self):
+        m, epoch, order = self.start, None, None
+        b = self.micro_batch
+        while True:
+            e, j = divmod(m, self.per_epoch)
+            if e != epoch:
+                self.sampler.set_epoch(e)
+                epoch, order = e, list(self.sampler)
+            yield [(e, i) for i in order[j * b:(j + 1) * b]]
+            m += 1
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema = decay·ema + (1 − decay)·model over parameters (DiT's update_ema); buffers are copied."""
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+def resume_or_refuse(out: str, resume: bool, modules: Dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
+                     device, stream: Dict[str, object], saved_stream: Callable[[dict], Dict[str, object]],
+                     log: Callable[[str], None]) -> int:
+    """The step to start from. resume: load the latest checkpoint of `out` into `modules` ({file stem:
+    module}, strictly) and `opt`, refusing when `saved_stream(state.json)` differs from `stream` (the
+    settings that define the stream of batches and updates). Without resume, a run directory that
+    already holds checkpoints is refused."""
+    ckpt = latest_checkpoint(out)
+    if not resume:
+        if ckpt is not None:
+            raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue it, or use another --out")
+        return 0
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {os.path.join(out, CKPT_DIR)}")
+    weights, opt_state, state = load_checkpoint(ckpt, list(modules), device)
+    for stem, module in modules.items():
+        module.load_state_dict(weights[stem], strict=True)
+    opt.load_state_dict(opt_state)
+    old = saved_stream(state)
+    diffs = [(k, old.get(k), v) for k, v in stream.items() if old.get(k) != v]
+    if diffs:
+        raise ValueError("--resume with other settings than the run's: "
+                         + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs))
+    step = int(state["step"])
+    log(f"resumed from {ckpt} at step {step}")
+    return step
+
+
+def wrap_ddp(model: torch.nn.Module, device: str, world: int) -> torch.nn.Module:
+    if world == 1:
+        return model
+    # buffers (codebooks, RoPE tables, masks) never change: no per-forward broadcast
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_sync_kw = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                  else {"broadcast_buffers": False})
+    dev = torch.device(device)
+    return ddp(model, device_ids=[dev.index] if dev.type == "cuda" else None, **no_sync_kw)
+
+
+def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn,
+               dataset: Dataset, part_names: Sequence[str], cfg: LoopConfig, out: str, rank: int, world: int,
+               device: str, step: int, checkpoint_weights: Callable[[], dict], checkpoint_state: dict,
+               on_checkpoint: Callable[[str, int], None], log: Callable[[str], None], desc: str = "train") -> dict:
+    """Train `model` from `step` to cfg.max_steps; returns the last metrics record.
+
+    dataset: items keyed by (epoch, position); loss_fn(model or its DDP wrapper, batch on the CPU) ->
+    (loss, {name in part_names: [B]}); checkpoint_weights() -> save_checkpoint's `weights`;
+    checkpoint_state: what state.json holds beside "metrics" and "step"; on_checkpoint(path, step):
+    rank 0, after each checkpoint (publish the run's files).
+    """
+    micro = micro_batch_size(cfg.batch_size, world, cfg.grad_accum)
+    dev_type = torch.device(device).type
+    batches = MicroBatches(len(dataset), world, rank, micro, cfg.seed, start=step * cfg.grad_accum)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+                        pin_memory=dev_type == "cuda", persistent_workers=cfg.num_workers > 0)
+    net = wrap_ddp(model, device, world)
+    autocast = (lambda: torch.autocast(device_type=dev_type, dtype=torch.bfloat16)) if cfg.precision == "bf16" \
+        else contextlib.nullcontext
+
+    if rank == 0:
+        truncate_metrics(out, step)
+    bar = None
+    if rank == 0 and cfg.progress and step < cfg.max_steps:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, dynamic_ncols=True)
+
+    it = iter(loader)
+    last = {}
+    t_log, n_log = time.perf_counter(), 0
+    n_parts = 1 + len(part_names)
+    sums = torch.zeros(n_parts, device=device, dtype=torch.float64)      # loss and parts over the log window
+    try:
+        while step < cfg.max_steps:
+            step_sums = torch.zeros(n_parts, device=device, dtype=torch.float64)
+            for k in range(cfg.grad_accum):
+                batch = next(it)
+                sync = k == cfg.grad_accum - 1 or world == 1
+                with (contextlib.nullcontext() if sync else net.no_sync()), autocast():
+                    loss, parts = loss_fn(net, batch)
+                (loss / cfg.grad_accum).backward()
+                step_sums += torch.stack([loss.detach().double()]
+                                         + [parts[name].mean().double() for name in part_names]) / cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            update_ema(ema, model, cfg.ema_decay)
+            step += 1
+            step_sums = mean_over_ranks(step_sums, world)
+            sums += step_sums
+            n_log += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_sums[0].item():.4f}")
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                avg = (sums / n_log).tolist()
+                last = {"step": step, "loss": avg[0], **dict(zip(part_names, avg[1:])),
+                        "grad_norm": float(grad_norm), "lr": cfg.lr,
+                        "it_per_s": n_log / max(now - t_log, 1e-9),
+                        "samples_per_s": n_log * cfg.batch_size / max(now - t_log, 1e-9)}
+                if rank == 0:
+                    append_metrics(out, last)
+                sums.zero_()
+                t_log, n_log = now, 0
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                if rank == 0:
+                    path = save_checkpoint(out, step, checkpoint_weights(), opt.state_dict(),
+                                           dict(checkpoint_state, metrics=last), cfg.keep_checkpoints)
+                    on_checkpoint(path, step)
+                barrier(world)
+    finally:
+        if bar is not None:
+            bar.close()
+    return last
