@@ -206,10 +206,10 @@ def test_teachers_import_nothing_from_distilled_decoding():
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "cycles at a0d558f, being removed by issue 11's refactor: distilled_decoding.student <-> "
-    "student_llamagen / student_var (FinalLayer imported back; backbones found through the importlib string "
-    "registry BACKBONES) and distilled_decoding.cli <-> demo (run_dd imports cli.main). Remove this mark "
-    "once they are gone (strict: the test fails as soon as it passes)"))
+    "remaining cycle: distilled_decoding.cli <-> distilled_decoding.demo (cli.py registers demo_cmd; "
+    "demo.run_dd imports cli.main to run each verb in-process). The student <-> student_llamagen / "
+    "student_var cycle of a0d558f is gone (a2e8f07). Remove this mark once the demo no longer imports cli "
+    "(strict: the test fails as soon as it passes)"))
 def test_no_import_cycles():
     graph = import_graph()
     assert len(graph) > 20, f"the scan found only {sorted(graph)}"
