@@ -32,6 +32,9 @@ import click
 import numpy as np
 import torch
 
+from .adm_npz import AdmNpzReader, InputFileError, npz_members
+from .distributed import default_device
+
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 
 # ---------------------------------------------------------------------------------------------------
@@ -363,8 +366,7 @@ def get_extractor(spec: Union[str, FeatureExtractor],
 # ---------------------------------------------------------------------------------------------------
 
 
-class EvalInputError(ValueError):
-    """An input file or folder is not what `dd eval` expects; the message names it."""
+EvalInputError = InputFileError   # an input file or folder is not what `dd eval` expects
 
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -392,40 +394,17 @@ def _rgb(batch: np.ndarray) -> np.ndarray:
 
 
 class NpzImages(ImageSet):
-    """`arr_0` of an ADM-format .npz, streamed from the zip member (no full load into memory)."""
+    """`arr_0` of an ADM-format .npz (`adm_npz.AdmNpzReader`), streamed."""
 
     def __init__(self, path: str, limit: Optional[int] = None) -> None:
-        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
-            shape, dtype = _read_npy_header(f, path)
-        if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
-            raise EvalInputError(f"{path}: 'arr_0' is {dtype} {shape}; expected uint8 images [N, H, W, 3] "
-                                 "(ADM .npz format; [N, H, W] or [N, H, W, 1] grey also accepted)")
+        self.reader = AdmNpzReader(path)
+        shape = self.reader.shape
         num = shape[0] if limit is None else min(shape[0], limit)
         super().__init__(path, num, shape[1], shape[2])
-        self._shape = shape
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
-            _read_npy_header(f, self.path)
-            for start in range(0, self.num, batch_size):
-                batch = np.empty((min(batch_size, self.num - start),) + tuple(self._shape[1:]), np.uint8)
-                if f.readinto(memoryview(batch).cast("B")) != batch.nbytes:
-                    raise EvalInputError(f"{self.path}: 'arr_0' is truncated at image {start}")
-                yield _rgb(batch)
-
-
-def _read_npy_header(f, path: str) -> Tuple[tuple, np.dtype]:
-    """Read the .npy header of an open zip member, leaving `f` at the start of the data."""
-    from numpy.lib import format as npf
-    try:
-        version = npf.read_magic(f)
-        read = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
-        shape, fortran, dtype = read(f)
-    except ValueError as e:
-        raise EvalInputError(f"{path}: 'arr_0' is not a readable .npy array ({e})") from e
-    if fortran:
-        raise EvalInputError(f"{path}: 'arr_0' is stored in Fortran order; expected a C-order uint8 array")
-    return shape, dtype
+        for batch in self.reader.batches(batch_size, self.num):
+            yield _rgb(batch)
 
 
 class FolderImages(ImageSet):
@@ -462,14 +441,6 @@ class FolderImages(ImageSet):
                 yield np.stack(imgs)
 
 
-def _npz_members(path: str) -> List[str]:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return [n[:-4] if n.endswith(".npy") else n for n in zf.namelist()]
-    except (zipfile.BadZipFile, OSError) as e:
-        raise EvalInputError(f"{path}: not a readable .npz file ({e})") from e
-
-
 _NPZ_EXPECTED = ("an ADM-format .npz with 'arr_0' (uint8 images [N, H, W, 3]) or reference statistics "
                  "with 'mu' and 'sigma'")
 
@@ -484,7 +455,7 @@ def open_source(path: Union[str, os.PathLike], limit: Optional[int] = None,
         raise EvalInputError(f"{path}: no such file or folder")
     if not path.endswith(".npz"):
         raise EvalInputError(f"{path}: expected {_NPZ_EXPECTED}, or a folder of images")
-    members = _npz_members(path)
+    members = npz_members(path)
     if "arr_0" in members:
         return NpzImages(path, limit=limit)
     if all(k in members for k in STATS_KEYS):
@@ -657,7 +628,7 @@ def run_eval(samples: str, ref: Optional[str] = None, ref_stats_out: Optional[st
              device: str = "auto", k: int = 3, splits: int = 10, limit: Optional[int] = None,
              save_features: bool = True, workers: int = 8) -> dict:
     """Everything `dd eval` does except printing; returns the JSON-able result dict."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = default_device() if device == "auto" else device
     notes: List[str] = []
     sample_src = open_source(samples, limit=limit, workers=workers)
     if not isinstance(sample_src, ImageSet):
@@ -726,4 +697,4 @@ def run_eval(samples: str, ref: Optional[str] = None, ref_stats_out: Optional[st
 
 
 def _npz_has_stats(path: str) -> bool:
-    return os.path.isfile(path) and all(k in _npz_members(path) for k in STATS_KEYS)
+    return os.path.isfile(path) and all(k in npz_members(path) for k in STATS_KEYS)

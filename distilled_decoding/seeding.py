@@ -89,3 +89,24 @@ def sample_timestep(timesteps: Sequence[int], seed: int, epoch: int, position: i
     """The training timestep of dataset item `position` in `epoch` (uniform over `timesteps`)."""
     h = _mix64(_mix64(_mix64(seed + 0x9E3779B97F4A7C15) + epoch) + position)
     return int(timesteps[h % len(timesteps)])
+
+
+def make_labels(seed: int, indices, num_classes: int, labels: str) -> torch.Tensor:
+    """Class labels [B] int64 of a label spec: "balanced" | "uniform" (as above) | comma-separated
+    class ids, cycled over the sample index."""
+    if labels in LABEL_MODES:
+        return sample_labels(seed, indices, num_classes, labels == "balanced")
+    ids = [int(s) for s in labels.split(",") if s.strip()]
+    return torch.tensor([ids[i % len(ids)] for i in as_index_list(indices)], dtype=torch.long)
+
+
+def check_label_spec(labels: str, num_classes: int) -> None:
+    """Raise a one-line ValueError unless `labels` is a valid spec for `make_labels`."""
+    if labels in LABEL_MODES:
+        return
+    try:
+        ids = [int(s) for s in labels.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--labels {labels!r}: balanced, uniform or comma-separated class ids") from None
+    if not ids or any(not 0 <= i < num_classes for i in ids):
+        raise ValueError(f"--labels {labels!r}: class ids must lie in [0, {num_classes})")

@@ -81,6 +81,9 @@ class Teacher(nn.Module):
     step_sizes: tuple = ()
     num_classes: int = 0
     image_size: int = 0
+    # Capability: `decode` also accepts the tokens of the first k whole AR steps only (and decodes
+    # that coarser partial image); downstream code asks this, never the family name.
+    decodes_prefix: bool = False
 
     # ---- static description -------------------------------------------------------------------
     @property

@@ -480,6 +480,7 @@ class VARTeacher(Teacher):
     # DD's teacher sampling for VAR (sample.py / combine_sample.py): cfg 2.0 on the ramp,
     # top-k 900, top-p 0.95, no temperature, no gumbel smoothing.
     default_sampling = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=900, top_p=0.95)
+    decodes_prefix = True                  # fewer whole scales decode the coarser partial f_hat
 
     def __init__(self, var: VAR, vae: VQVAE, ids: Optional[dict] = None, more_smooth: bool = False):
         super().__init__()

@@ -14,10 +14,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from distilled_decoding import sampling as S
+from distilled_decoding import samplers as S
+from distilled_decoding.images import to_uint8
+from distilled_decoding.sampling import default_regen, parse_regen
 from distilled_decoding.cli import main
 from distilled_decoding.pairs import build_dataset
-from distilled_decoding.seeding import sample_labels, sample_noise
+from distilled_decoding.seeding import sample_generators, sample_labels, sample_noise
 from distilled_decoding.flowmap import FlowMapConfig
 from distilled_decoding.student import build_student
 from distilled_decoding.student_run import save_run
@@ -98,7 +100,7 @@ def test_regen_prefix_teacher_part_and_batch_independence(tiny):
     idx = list(range(5))
     noise, labels = inputs(tiny, idx)
     s = resolve_sampling(te)
-    x, tok = S.regen_sample(st, te, noise, labels, (a, b), s, S.sample_generators(0, idx, "draw"))
+    x, tok = S.regen_sample(st, te, noise, labels, (a, b), s, sample_generators(0, idx, "draw"))
     assert x.shape == noise.shape and tok.shape == (5, te.num_tokens)
     # the kept prefix is the snapped first DD step's
     _, first = S.dd_sample(st, noise, labels, (1,), snap=True)
@@ -106,9 +108,9 @@ def test_regen_prefix_teacher_part_and_batch_independence(tiny):
     # everything before offsets[b-1] is data (codebook rows) in the final output
     assert torch.equal(x[:, :offs[b - 1]], st.codebook[tok[:, :offs[b - 1]]])
     # same seed -> same; per-sample generators -> independent of the batch split
-    again = S.regen_sample(st, te, noise, labels, (a, b), s, S.sample_generators(0, idx, "draw"))
+    again = S.regen_sample(st, te, noise, labels, (a, b), s, sample_generators(0, idx, "draw"))
     assert torch.equal(again[1], tok) and torch.equal(again[0], x)
-    parts = [S.regen_sample(st, te, noise[i:j], labels[i:j], (a, b), s, S.sample_generators(0, idx[i:j], "draw"))
+    parts = [S.regen_sample(st, te, noise[i:j], labels[i:j], (a, b), s, sample_generators(0, idx[i:j], "draw"))
              for i, j in ((0, 3), (3, 5))]
     assert torch.equal(torch.cat([p[1] for p in parts]), tok) and torch.equal(torch.cat([p[0] for p in parts]), x)
     # a = 1: no first DD step, the teacher makes all of steps 0 .. b-2 (equal to its own sampler's draws)
@@ -118,7 +120,7 @@ def test_regen_prefix_teacher_part_and_batch_independence(tiny):
 
 
 def test_regen_range_checks():
-    assert S.parse_regen("41:81") == (41, 81)
+    assert parse_regen("41:81") == (41, 81)
     S.check_regen(41, 81, (1, 81), 256)
     S.check_regen(81, 81, (1, 81), 256)
     for a, b in ((41, 80), (82, 81), (0, 81), (1, 90)):
@@ -126,9 +128,9 @@ def test_regen_range_checks():
             S.check_regen(a, b, (1, 81), 256)
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError):
-        S.parse_regen("41-81")
-    assert S.default_regen((1, 81)) == (41, 81) and S.default_regen((1, 6)) == (4, 6)
-    assert S.default_regen((1,)) is None
+        parse_regen("41-81")
+    assert default_regen((1, 81)) == (41, 81) and default_regen((1, 6)) == (4, 6)
+    assert default_regen((1,)) is None
 
 
 # ---- baselines -----------------------------------------------------------------------------------
@@ -141,15 +143,15 @@ def test_skip_zero_is_teacher_sampling_and_skip_shapes(tiny):
     assert torch.equal(got, ref)
     S_ = te.num_steps
     idx = list(range(4))
-    full = S.skip_sample(te, labels, s, 0, S.sample_generators(0, idx, "draw"))
-    sk = S.skip_sample(te, labels, s, 1, S.sample_generators(0, idx, "draw"))
+    full = S.skip_sample(te, labels, s, 0, sample_generators(0, idx, "draw"))
+    sk = S.skip_sample(te, labels, s, 1, sample_generators(0, idx, "draw"))
     assert sk.shape == (4, te.num_tokens)
     m = te.step_offsets[S_ - 1]
     assert torch.equal(sk[:, :m], full[:, :m])          # same per-sample streams for the computed steps
-    parts = torch.cat([S.skip_sample(te, labels[i:j], s, 1, S.sample_generators(0, idx[i:j], "draw"))
+    parts = torch.cat([S.skip_sample(te, labels[i:j], s, 1, sample_generators(0, idx[i:j], "draw"))
                        for i, j in ((0, 1), (1, 4))])
     assert torch.equal(parts, sk)
-    drop = S.skip_sample(te, labels, s, S_ - 1, S.sample_generators(0, idx, "draw"), fill="drop")
+    drop = S.skip_sample(te, labels, s, S_ - 1, sample_generators(0, idx, "draw"), fill="drop")
     assert drop.shape == (4, te.step_offsets[1])
     with pytest.raises(ValueError):
         S.skip_sample(te, labels, s, S_, None)
@@ -203,7 +205,7 @@ def test_onestep_matches_data_marginals(tiny_data):
     # class-conditional: only tokens the class's pairs have at that position
     cond = S.TokenMarginals.from_dataset(root, conditional=True)
     for c in (0, 3):
-        d = cond.sample(torch.full((400,), c), S.sample_generators(0, range(400), "onestep"))
+        d = cond.sample(torch.full((400,), c), sample_generators(0, range(400), "onestep"))
         pool = cond.pool(c)
         for i in range(te.num_tokens):
             assert set(d[:, i].tolist()) <= set(pool[:, i].tolist())
@@ -241,7 +243,7 @@ def test_cli_dd_outputs_and_batch_independence(tiny, tmp_path):
     noise, lab = inputs(tiny, range(5))
     x, idx = S.dd_sample(st, noise, lab, st.config.timesteps[:2])
     assert np.array_equal(tokens, idx.numpy())
-    assert np.array_equal(imgs, S.to_uint8(te.decode(x)))
+    assert np.array_equal(imgs, to_uint8(te.decode(x)))
     # batch size does not change a sample
     r = sample("--run", tiny.run, "--out", o2, "--num-samples", 5, "--batch-size", 5, "--device", "cpu")
     assert r.exit_code == 0, r.output
@@ -298,3 +300,113 @@ def test_cli_onestep(tiny_data, tmp_path):
     for t, c in zip(tok, labels):
         p = pool.pool(int(c)).numpy()
         assert all(t[i] in p[:, i] for i in range(te.num_tokens))
+
+
+# ---- the sample store: kill/resume, torchrun ranks, verify ------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dd_cli(*args, torchrun=0, **kw):
+    """`python -m distilled_decoding ARGS` (under torchrun with `torchrun` CPU ranks) -> CompletedProcess."""
+    import subprocess
+    import sys
+    pre = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
+           f"--master_port={free_port()}"] if torchrun else [sys.executable]
+    sep = ["--"] if torchrun else []      # else torchrun's argparse takes --run for its own --run-path
+    return subprocess.run([*pre, "-m", "distilled_decoding", *sep, *map(str, args)], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180, **kw)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def outputs(d):
+    """The bytes of everything `dd sample` writes that must not depend on ranks or interruptions."""
+    names = sorted(f for f in os.listdir(d) if f.startswith("shard-")) + ["samples.npz", "tokens.npy", "grid.png"]
+    out = {f: (d / f).read_bytes() for f in names}
+    out.update({f"png/{f}": (d / "png" / f).read_bytes() for f in sorted(os.listdir(d / "png"))})
+    return out
+
+
+@pytest.mark.parametrize("tiny", ["var"], indirect=True)   # the store is family-blind; VAR has draws and scales
+def test_torchrun_two_ranks_write_the_same_bytes_as_one(tiny, tmp_path):
+    args = ["sample", "--run", tiny.run, "--num-samples", 7, "--shard-size", 2, "--batch-size", 2, "--png",
+            "--regen", "{}:{}".format(*tiny.regen), "--device", "cpu", "--no-progress"]
+    r = dd_cli(*args, "--out", tmp_path / "one")
+    assert r.returncode == 0, r.stderr
+    r = dd_cli(*args, "--out", tmp_path / "two", torchrun=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "on 2 ranks" in r.stdout
+    one, two = outputs(tmp_path / "one"), outputs(tmp_path / "two")
+    assert len(one) == 4 + 3 + 7 and one == two
+    m = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert m["complete"] and m["build"]["world_size"] == 2 and m["num_samples"] == 7
+    imgs, labels = read_npz(tmp_path / "one" / "samples.npz")       # and it is the in-process sampler
+    noise, lab = inputs(tiny, range(7))
+    x, idx = S.regen_sample(tiny.student, tiny.teacher, noise, lab, tiny.regen, resolve_sampling(tiny.teacher),
+                            sample_generators(0, range(7), "draw"))
+    assert np.array_equal(np.load(tmp_path / "one" / "tokens.npy"), idx.numpy())
+    assert np.array_equal(imgs, to_uint8(tiny.teacher.decode(x))) and labels.tolist() == lab.tolist()
+
+
+@pytest.mark.parametrize("tiny", ["llamagen"], indirect=True)
+def test_killed_sample_run_resumes_to_the_same_bytes(tiny, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    args = ["sample", "--run", tiny.run, "--num-samples", 40, "--shard-size", 1, "--batch-size", 1,
+            "--baseline", "teacher", "--device", "cpu", "--no-progress", "--png"]
+    r = dd_cli(*args, "--out", tmp_path / "ref")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "distilled_decoding", *map(str, args), "--out", out], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    record = out / ".progress" / "shard-00000.json"
+    deadline = time.time() + 120
+    while not record.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = os.listdir(out / ".progress")
+    assert 1 <= len(done) < 40, f"the kill did not land mid-run ({len(done)} shards): {proc.stderr.read()}"
+    assert not (out / "samples.npz").exists()
+    r = dd_cli(*args, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(done)} done" in r.stdout
+    assert outputs(out) == outputs(tmp_path / "ref")
+    assert not [f for f in os.listdir(out) if ".tmp." in f]
+    r = dd_cli("sample", "--out", out, "--verify")
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
+    # other settings into the same directory are refused, naming the setting
+    r = dd_cli(*args[:-1], "--seed", 1, "--out", out)
+    assert r.returncode != 0 and "seed" in r.stderr and "other settings" in r.stderr
+    # a changed image is found by --verify
+    npz = bytearray((out / "samples.npz").read_bytes())
+    npz[-200] ^= 0x40                                   # inside arr_1 or the last image: either is caught
+    (out / "samples.npz").write_bytes(bytes(npz))
+    r = dd_cli("sample", "--out", out, "--verify")
+    assert r.returncode == 1 and "FAIL" in r.stderr, r.stdout + r.stderr
+
+
+def test_decodes_prefix_capability_matches_the_decoder(tiny, tmp_path):
+    """`Teacher.decodes_prefix` (not the family name) says whether skip-N may drop the skipped steps."""
+    te = tiny.teacher
+    prefix = torch.zeros(2, te.step_offsets[te.num_steps - 1], dtype=torch.long)     # all steps but the last
+    if te.decodes_prefix:
+        assert te.decode(prefix).shape == (2, 3, te.image_size, te.image_size)
+    else:
+        with pytest.raises(Exception):
+            te.decode(prefix)
+    r = sample("--run", tiny.run, "--out", tmp_path / "d", "--num-samples", 2, "--baseline", "skip-1",
+               "--skip-fill", "drop", "--device", "cpu")
+    assert (r.exit_code == 0) == te.decodes_prefix, r.output
+    if not te.decodes_prefix:
+        assert "cannot decode a partial token sequence" in r.stderr
+    else:
+        assert np.load(tmp_path / "d" / "tokens.npy").shape == (2, te.step_offsets[te.num_steps - 1])

@@ -65,7 +65,7 @@ def timeit(fn, device, repeat: int = 1, warmup: bool = True) -> float:
 def bench_entry(family, config, batches, teacher_steps, layers, repeat, dtype, device, seed=0, log=print):
     from teachers import load_teacher
     from distilled_decoding.seeding import sample_noise
-    from distilled_decoding.sampling import dd_sample
+    from distilled_decoding.samplers import dd_sample
     from distilled_decoding.student import build_student
 
     cfg = config if layers is None else {"preset": config, DEPTH_KEY[family]: layers}
