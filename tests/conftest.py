@@ -1,5 +1,10 @@
+"""Fixtures shared by every test module: one thread per test process, and the tiny random teachers
+of both families saved to checkpoint files (so CLI subprocesses load exactly the teacher the
+in-process references use)."""
 import pytest
 import torch
+
+from tiny_teachers import TINY, saved_teacher
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -10,3 +15,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory):
+    """get(family, seed=0, edit=None, tag=None) -> (TeacherSpec, teacher freshly loaded from the files).
+
+    The checkpoint files of each (family, seed, tag) are written once per session; every call loads
+    a new teacher from them, so no test sees another's changes. `edit` (applied before saving) must
+    be named by `tag`."""
+    files = {}
+
+    def get(family, seed=0, edit=None, tag=None):
+        if edit is not None and tag is None:
+            raise ValueError("name the edit with tag=...")
+        key = (family, seed, tag)
+        if key not in files:
+            files[key] = saved_teacher(family, tmp_path_factory.mktemp(f"tiny-{family}-{seed}-{tag or 'plain'}"),
+                                       seed=seed, edit=edit)[0]
+        spec = files[key]
+        return spec, spec.load("cpu")
+
+    return get
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def tiny_teacher(request, tiny_teachers):
+    """(spec, teacher) of the tiny random teacher of each family; narrow it to one family with
+    `@pytest.mark.parametrize("tiny_teacher", ["llamagen"], indirect=True)`."""
+    return tiny_teachers(request.param)

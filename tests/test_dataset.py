@@ -6,11 +6,6 @@ exactly the teacher the in-process reference builds use.
 """
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -23,17 +18,9 @@ from distilled_decoding.seeding import sample_labels, sample_noise
 from distilled_decoding.shard_store import shard_name
 from distilled_decoding.flowmap import FlowMapConfig
 from distilled_decoding.teacher_spec import TeacherSpec, parse_config, resolve_sampling
-from tiny_teachers import TINY, saved_teacher
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from dd_process import kill_after, run_dd as cli
 
 FM = FlowMapConfig(nfe=4)
-
-
-@pytest.fixture(scope="module", params=sorted(TINY))
-def tiny(request, tmp_path_factory):
-    """(spec, teacher) of a tiny random teacher whose weights live in checkpoint files."""
-    return saved_teacher(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def build(out, teacher, spec, **kw):
@@ -46,13 +33,6 @@ def build(out, teacher, spec, **kw):
 def shard_bytes(d):
     names = sorted(f for f in os.listdir(d) if f.startswith("shard-"))
     return {f: (d / f).read_bytes() for f in names}
-
-
-def cli(*args, env=None, **kw):
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "distilled_decoding", *map(str, args)], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=120, **kw)
 
 
 def teacher_args(spec):
@@ -94,16 +74,16 @@ def test_teacher_spec_round_trip_and_config_parsing(tmp_path):
         TeacherSpec("var", dtype="int8")
 
 
-def test_sampling_defaults_come_from_the_teacher(tiny):
-    _, t = tiny
+def test_sampling_defaults_come_from_the_teacher(tiny_teacher):
+    _, t = tiny_teacher
     assert resolve_sampling(t) == t.default_sampling and t.default_sampling.cfg_scale == 2.0
     s = resolve_sampling(t, {"top_k": 5, "top_p": None})
     assert s.top_k == 5 and s.top_p == t.default_sampling.top_p
 
 
 # ---- determinism, extension, reading ----------------------------------------------------------------
-def test_generate_pairs_and_shards_independent_of_batch_size(tiny, tmp_path):
-    spec, t = tiny
+def test_generate_pairs_and_shards_independent_of_batch_size(tiny_teacher, tmp_path):
+    spec, t = tiny_teacher
     idx = torch.arange(5)
     eps = sample_noise(0, idx, t.num_tokens, t.embed_dim)
     labels = sample_labels(0, idx, t.num_classes, True)
@@ -119,8 +99,8 @@ def test_generate_pairs_and_shards_independent_of_batch_size(tiny, tmp_path):
     assert m1["shards"] == m6["shards"]
 
 
-def test_extend_equals_direct_build(tiny, tmp_path):
-    spec, t = tiny
+def test_extend_equals_direct_build(tiny_teacher, tmp_path):
+    spec, t = tiny_teacher
     build(tmp_path / "ext", t, spec, num_samples=8)
     m = build(tmp_path / "ext", t, spec, num_samples=14)      # shard 1 grows from 2 to 6 samples
     direct = build(tmp_path / "direct", t, spec, num_samples=14)
@@ -130,9 +110,9 @@ def test_extend_equals_direct_build(tiny, tmp_path):
         build(tmp_path / "ext", t, spec, num_samples=8)
 
 
-def test_rebuilding_a_complete_set_writes_nothing(tiny, tmp_path):
+def test_rebuilding_a_complete_set_writes_nothing(tiny_teacher, tmp_path):
     """Training runs record manifest.json's sha256: a no-op re-run must not rewrite it."""
-    spec, t = tiny
+    spec, t = tiny_teacher
     build(tmp_path / "d", t, spec, num_samples=8)
     before = (tmp_path / "d" / "manifest.json").read_bytes()
     again = build(tmp_path / "d", t, spec, num_samples=8)
@@ -141,8 +121,8 @@ def test_rebuilding_a_complete_set_writes_nothing(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("store_noise", [False, True])
-def test_pair_dataset_returns_build_noise_and_tokens(tiny, tmp_path, store_noise):
-    spec, t = tiny
+def test_pair_dataset_returns_build_noise_and_tokens(tiny_teacher, tmp_path, store_noise):
+    spec, t = tiny_teacher
     build(tmp_path, t, spec, store_noise=store_noise)
     ds = PairDataset(tmp_path)
     assert len(ds) == 14 and ds.teacher_spec == spec
@@ -167,8 +147,8 @@ def test_pair_dataset_returns_build_noise_and_tokens(tiny, tmp_path, store_noise
 
 
 # ---- corruption and settings ----------------------------------------------------------------------
-def test_corrupt_shard_is_named(tiny, tmp_path):
-    spec, t = tiny
+def test_corrupt_shard_is_named(tiny_teacher, tmp_path):
+    spec, t = tiny_teacher
     build(tmp_path, t, spec)
     assert verify_dataset(str(tmp_path), log=lambda s: None) == []
     p = tmp_path / shard_name(1)
@@ -189,8 +169,8 @@ def test_corrupt_shard_is_named(tiny, tmp_path):
         PairDataset(tmp_path)
 
 
-def test_other_settings_refused_and_nothing_lost(tiny, tmp_path):
-    spec, t = tiny
+def test_other_settings_refused_and_nothing_lost(tiny_teacher, tmp_path):
+    spec, t = tiny_teacher
     build(tmp_path, t, spec)
     before = shard_bytes(tmp_path)
     with pytest.raises(DatasetError, match=r"flow_map\.nfe: 4 .* vs 5 now"):
@@ -202,11 +182,11 @@ def test_other_settings_refused_and_nothing_lost(tiny, tmp_path):
     assert shard_bytes(tmp_path) == before
 
 
-def test_verify_recompute_catches_wrong_tokens(tiny, tmp_path):
+def test_verify_recompute_catches_wrong_tokens(tiny_teacher, tmp_path):
     """A data set whose hashes are consistent but whose tokens are not the teacher's is caught."""
     from safetensors.torch import load_file, save_file
     from teachers.checkpoint import file_sha256
-    spec, t = tiny
+    spec, t = tiny_teacher
     build(tmp_path, t, spec)
     assert verify_dataset(str(tmp_path), recompute=14, log=lambda s: None) == []
     p = tmp_path / shard_name(0)
@@ -221,22 +201,14 @@ def test_verify_recompute_catches_wrong_tokens(tiny, tmp_path):
 
 
 # ---- the CLI: resume after a kill, torchrun, verify/info ---------------------------------------------
-def test_cli_kill_resume_byte_identical(tiny, tmp_path):
-    spec, t = tiny
+def test_cli_kill_resume_byte_identical(tiny_teacher, tmp_path):
+    spec, t = tiny_teacher
     ref = tmp_path / "ref"
     m_ref = build(ref, t, spec, num_samples=48, shard_size=2, batch_size=2)
     out = tmp_path / "out"
     args = ["build-dataset", "--out", out, "--num-samples", 48, "--shard-size", 2, "--batch-size", 2,
             "--seed", 3, "--device", "cpu", "--no-progress", *teacher_args(spec)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "distilled_decoding", *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 90
-    record = out / ".progress" / "shard-00000.json"   # written right after shard 0 itself
-    while not record.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = kill_after(out / ".progress" / "shard-00000.json", *args)   # written right after shard 0 itself
     done = os.listdir(out / ".progress")
     assert 1 <= len(done) < 24, f"the kill did not land mid-run ({len(done)} shards): {proc.stderr.read()}"
     assert not read_manifest(str(out))["complete"]
@@ -253,22 +225,13 @@ def test_cli_kill_resume_byte_identical(tiny, tmp_path):
     assert (out / "manifest.json").read_bytes() == manifest_bytes
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_torchrun_two_ranks_equal_one(tiny, tmp_path):
-    spec, t = tiny
+def test_torchrun_two_ranks_equal_one(tiny_teacher, tmp_path):
+    spec, t = tiny_teacher
     ref = tmp_path / "ref"
     m_ref = build(ref, t, spec, num_samples=22, shard_size=4, batch_size=3)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "distilled_decoding", "build-dataset", "--out", out, "--num-samples", 22, "--shard-size", 4,
-           "--batch-size", 3, "--seed", 3, "--device", "cpu", "--no-progress", *teacher_args(spec)]
-    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                       capture_output=True, text=True, timeout=120)
+    r = cli("build-dataset", "--out", out, "--num-samples", 22, "--shard-size", 4, "--batch-size", 3, "--seed", 3,
+            "--device", "cpu", "--no-progress", *teacher_args(spec), torchrun=2)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "on 2 ranks" in r.stdout
     m = read_manifest(str(out))
@@ -277,9 +240,9 @@ def test_torchrun_two_ranks_equal_one(tiny, tmp_path):
     assert shard_bytes(out) == shard_bytes(ref)
 
 
-@pytest.mark.parametrize("tiny", ["llamagen"], indirect=True)  # the CLI plumbing is family-blind
-def test_cli_verify_info_and_mismatch(tiny, tmp_path):
-    spec, t = tiny
+@pytest.mark.parametrize("tiny_teacher", ["llamagen"], indirect=True)  # the CLI plumbing is family-blind
+def test_cli_verify_info_and_mismatch(tiny_teacher, tmp_path):
+    spec, t = tiny_teacher
     build(tmp_path, t, spec)
     r = cli("dataset", "verify", tmp_path, "--recompute", 4, "--device", "cpu")
     assert r.returncode == 0 and "recomputed 4 samples: 4 identical" in r.stdout and r.stdout.strip().endswith("OK")

@@ -24,7 +24,7 @@ from distilled_decoding.flowmap import FlowMapConfig
 from distilled_decoding.student import build_student
 from distilled_decoding.student_run import save_run
 from distilled_decoding.teacher_spec import resolve_sampling
-from tiny_teachers import TINY, saved_teacher
+from dd_process import kill_after, run_dd
 
 FM = FlowMapConfig(nfe=4)
 
@@ -37,11 +37,12 @@ class Tiny:
         self.regen = (max(2, self.b - 1), self.b)      # a non-empty range: LlamaGen 5:6, VAR 2:3
 
 
-@pytest.fixture(scope="module", params=sorted(TINY))
-def tiny(request, tmp_path_factory):
-    family = request.param
+@pytest.fixture(scope="module")
+def tiny(tiny_teacher, tmp_path_factory):
+    """Per family (see `tiny_teacher`): the saved tiny teacher, an untrained student and its run dir."""
+    spec, teacher = tiny_teacher
+    family = teacher.family
     d = tmp_path_factory.mktemp(f"sample-{family}")
-    spec, teacher = saved_teacher(family, d)
     student = build_student(teacher).eval()
     run = d / "run"
     save_run(str(run), student, None, student.config, {"teacher": spec.to_dict()})
@@ -170,11 +171,11 @@ def test_resample_probs_nearest_grid():
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
+def tiny_data(tmp_path_factory, tiny_teachers):
     """A 30-pair data set of the tiny LlamaGen teacher (its own checkpoint files)."""
     fam = "llamagen"
     d = tmp_path_factory.mktemp("onestep")
-    spec, teacher = saved_teacher(fam, d, seed=1)
+    spec, teacher = tiny_teachers(fam, seed=1)
     root = d / "pairs"
     build_dataset(str(root), teacher, spec, num_samples=30, sampling=resolve_sampling(teacher), fm_config=FM,
                   seed=0, labels="balanced", shard_size=16, batch_size=16, show_progress=False, log=lambda s: None)
@@ -303,27 +304,6 @@ def test_cli_onestep(tiny_data, tmp_path):
 
 
 # ---- the sample store: kill/resume, torchrun ranks, verify ------------------------------------------
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def dd_cli(*args, torchrun=0, **kw):
-    """`python -m distilled_decoding ARGS` (under torchrun with `torchrun` CPU ranks) -> CompletedProcess."""
-    import subprocess
-    import sys
-    pre = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
-           f"--master_port={free_port()}"] if torchrun else [sys.executable]
-    sep = ["--"] if torchrun else []      # else torchrun's argparse takes --run for its own --run-path
-    return subprocess.run([*pre, "-m", "distilled_decoding", *sep, *map(str, args)], cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180, **kw)
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def outputs(d):
     """The bytes of everything `dd sample` writes that must not depend on ranks or interruptions."""
     names = sorted(f for f in os.listdir(d) if f.startswith("shard-")) + ["samples.npz", "tokens.npy", "grid.png"]
@@ -332,13 +312,13 @@ def outputs(d):
     return out
 
 
-@pytest.mark.parametrize("tiny", ["var"], indirect=True)   # the store is family-blind; VAR has draws and scales
+@pytest.mark.parametrize("tiny_teacher", ["var"], indirect=True)   # the store is family-blind; VAR has draws and scales
 def test_torchrun_two_ranks_write_the_same_bytes_as_one(tiny, tmp_path):
     args = ["sample", "--run", tiny.run, "--num-samples", 7, "--shard-size", 2, "--batch-size", 2, "--png",
             "--regen", "{}:{}".format(*tiny.regen), "--device", "cpu", "--no-progress"]
-    r = dd_cli(*args, "--out", tmp_path / "one")
+    r = run_dd(*args, "--out", tmp_path / "one")
     assert r.returncode == 0, r.stderr
-    r = dd_cli(*args, "--out", tmp_path / "two", torchrun=2)
+    r = run_dd(*args, "--out", tmp_path / "two", torchrun=2)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "on 2 ranks" in r.stdout
     one, two = outputs(tmp_path / "one"), outputs(tmp_path / "two")
@@ -353,44 +333,32 @@ def test_torchrun_two_ranks_write_the_same_bytes_as_one(tiny, tmp_path):
     assert np.array_equal(imgs, to_uint8(tiny.teacher.decode(x))) and labels.tolist() == lab.tolist()
 
 
-@pytest.mark.parametrize("tiny", ["llamagen"], indirect=True)
+@pytest.mark.parametrize("tiny_teacher", ["llamagen"], indirect=True)
 def test_killed_sample_run_resumes_to_the_same_bytes(tiny, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
     args = ["sample", "--run", tiny.run, "--num-samples", 40, "--shard-size", 1, "--batch-size", 1,
             "--baseline", "teacher", "--device", "cpu", "--no-progress", "--png"]
-    r = dd_cli(*args, "--out", tmp_path / "ref")
+    r = run_dd(*args, "--out", tmp_path / "ref")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "distilled_decoding", *map(str, args), "--out", out], cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    record = out / ".progress" / "shard-00000.json"
-    deadline = time.time() + 120
-    while not record.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = kill_after(out / ".progress" / "shard-00000.json", *args, "--out", out)
     done = os.listdir(out / ".progress")
     assert 1 <= len(done) < 40, f"the kill did not land mid-run ({len(done)} shards): {proc.stderr.read()}"
     assert not (out / "samples.npz").exists()
-    r = dd_cli(*args, "--out", out)
+    r = run_dd(*args, "--out", out)
     assert r.returncode == 0, r.stderr
     assert f"{len(done)} done" in r.stdout
     assert outputs(out) == outputs(tmp_path / "ref")
     assert not [f for f in os.listdir(out) if ".tmp." in f]
-    r = dd_cli("sample", "--out", out, "--verify")
+    r = run_dd("sample", "--out", out, "--verify")
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
     # other settings into the same directory are refused, naming the setting
-    r = dd_cli(*args[:-1], "--seed", 1, "--out", out)
+    r = run_dd(*args[:-1], "--seed", 1, "--out", out)
     assert r.returncode != 0 and "seed" in r.stderr and "other settings" in r.stderr
     # a changed image is found by --verify
     npz = bytearray((out / "samples.npz").read_bytes())
     npz[-200] ^= 0x40                                   # inside arr_1 or the last image: either is caught
     (out / "samples.npz").write_bytes(bytes(npz))
-    r = dd_cli("sample", "--out", out, "--verify")
+    r = run_dd("sample", "--out", out, "--verify")
     assert r.returncode == 1 and "FAIL" in r.stderr, r.stdout + r.stderr
 
 

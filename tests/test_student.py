@@ -7,8 +7,6 @@ Tiny random teachers of both families; their weights live in checkpoint files so
 """
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +26,8 @@ from distilled_decoding.seeding import sample_timestep
 from distilled_decoding.train import TrainArgs, train
 from teachers.checkpoint import CheckpointMismatchError
 from teachers.var import level_ids
-from tiny_teachers import TINY, saved_teacher
+from dd_process import run_dd
+from tiny_teachers import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = json.loads((ROOT / "tests" / "manifests" / "dd_official.json").read_text())
@@ -38,7 +37,7 @@ NUM_PAIRS = 128
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_teachers):
     """family -> (spec, teacher, data dir) of a tiny random teacher and a small pair data set."""
     def token_table_in_codebook_span(t):
         # LlamaGen: a token table in the span of [codebook, 1] makes the least-squares init exact
@@ -49,7 +48,8 @@ def tiny(tmp_path_factory):
     out = {}
     for family in TINY:
         d = tmp_path_factory.mktemp(family)
-        spec, teacher = saved_teacher(family, d, edit=token_table_in_codebook_span if family == "llamagen" else None)
+        edit = token_table_in_codebook_span if family == "llamagen" else None
+        spec, teacher = tiny_teachers(family, edit=edit, tag="token-table-in-codebook-span" if edit else None)
         data = d / "pairs"
         build_dataset(str(data), teacher, spec, num_samples=NUM_PAIRS, sampling=resolve_sampling(teacher),
                       fm_config=FlowMapConfig(nfe=4), seed=0, shard_size=64, batch_size=64,
@@ -345,23 +345,14 @@ def test_gradient_accumulation_matches_the_full_batch(tiny, tmp_path):
         assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_rank_torchrun_matches_one_rank(tiny, tmp_path):
     """`dd train` under torchrun (gloo, 2 ranks) logs the losses and global gradient norms of a
     1-rank run on the same global batches."""
     _, _, data = tiny["llamagen"]
     train(args_for(data, tmp_path / "one", max_steps=3), log=lambda s: None)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "distilled_decoding", "train", "--data", data,
-           "--out", str(tmp_path / "two"), "--batch-size", "8", "--max-steps", "3", "--log-every", "1",
-           "--num-workers", "0", "--lr", "1e-3", "--ema-decay", "0.9", "--device", "cpu", "--no-progress"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    r = run_dd("train", "--data", data, "--out", tmp_path / "two", "--batch-size", 8, "--max-steps", 3,
+               "--log-every", 1, "--num-workers", 0, "--lr", "1e-3", "--ema-decay", "0.9", "--device", "cpu",
+               "--no-progress", torchrun=2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "batch 8 = 2 rank(s) x 1 accum x 4" in r.stdout + r.stderr
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
