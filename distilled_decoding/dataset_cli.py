@@ -14,7 +14,8 @@ from .dataset_check import dataset_info, verify_dataset
 from .distributed import default_device, finish_distributed, init_distributed
 from .dpm_solver import SPACINGS, VARIANTS
 from .flowmap import FlowMapConfig
-from .pairs import build_dataset, read_manifest
+from .dataset_build import build_dataset
+from .pairs import read_manifest
 from .seeding import LABEL_MODES
 from .shard_store import StoreError
 from .teacher_spec import TeacherSpec, resolve_sampling, teacher_options

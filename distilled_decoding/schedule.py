@@ -2,7 +2,7 @@
 
 Timesteps are the paper's, 1-indexed over AR steps (a LlamaGen step = 1 token, a VAR step = 1 scale):
 at t the first t − 1 steps are data, `step_offsets[t − 1]` tokens, and the rest noise. The authors'
-code uses t − 1; `student.load_official` is the only place that meets their files. `prefix_mask` is
+code uses t − 1; `student_official.load_official` is the only place that meets their files. `prefix_mask` is
 the one builder of "which tokens belong to the first k steps"; `make_xt` and the student's
 `data_mask`, the loss's noise mask and the sampler's head split all use it.
 """

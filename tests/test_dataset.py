@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from distilled_decoding.dataset import PairDataset
 from distilled_decoding.dataset_check import verify_dataset
-from distilled_decoding.pairs import DatasetError, build_dataset, generate_pairs, read_manifest
+from distilled_decoding.dataset_build import build_dataset
+from distilled_decoding.pairs import DatasetError, generate_pairs, read_manifest
 from distilled_decoding.seeding import sample_labels, sample_noise
 from distilled_decoding.shard_store import shard_name
 from distilled_decoding.flowmap import FlowMapConfig

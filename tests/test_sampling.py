@@ -18,7 +18,7 @@ from distilled_decoding import samplers as S
 from distilled_decoding.images import to_uint8
 from distilled_decoding.sampling import default_regen, parse_regen
 from distilled_decoding.cli import main
-from distilled_decoding.pairs import build_dataset
+from distilled_decoding.dataset_build import build_dataset
 from distilled_decoding.seeding import sample_generators, sample_labels, sample_noise
 from distilled_decoding.flowmap import FlowMapConfig
 from distilled_decoding.student import build_student

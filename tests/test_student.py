@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from distilled_decoding.pairs import build_dataset
+from distilled_decoding.dataset_build import build_dataset
 from distilled_decoding.flowmap import FlowMapConfig, nearest_code
 from distilled_decoding.dd_loss import dd_loss
 from distilled_decoding.samplers import dd_step
 from distilled_decoding.schedule import default_schedule, make_xt
-from distilled_decoding.student import DDStudent, StudentConfig, build_student, load_official
+from distilled_decoding.student import DDStudent, StudentConfig, build_student
+from distilled_decoding.student_official import load_official
 from distilled_decoding.student_run import load_run, save_run
 from distilled_decoding.student_var import dd_attn_bias
 from distilled_decoding.teacher_spec import TeacherSpec, resolve_sampling
