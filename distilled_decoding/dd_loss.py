@@ -32,7 +32,7 @@ def dd_loss(student: nn.Module, noise: torch.Tensor, tokens: torch.Tensor, label
     noise: [B, n, C]; tokens: [B, n] int64 (the teacher's flow-map tokens); labels, t: [B].
     X_t = make_xt(codebook[tokens], noise, t); on the noise positions (i >= step_offsets[t − 1]):
     λ_ce·CE(logits, tokens) + λ_emb·d(emb, codebook[tokens]). d = `emb_loss(pred_emb, target_emb,
-    noise_mask) -> [B]` (default `mse_emb_loss`; the LPIPS loss of train.py composes the full
+    noise_mask) -> [B]` (default `mse_emb_loss`; `LPIPSEmbLoss` below composes the full
     sequence and compares decoded images). `student` may be DDP-wrapped (it is only called).
     Returns (loss scalar, {"ce": [B], "emb": [B]} detached per-sample parts).
     """

@@ -64,7 +64,7 @@ class LlamaGenDD(RopeTable, nn.Module):
         if not self.freqs_cis.is_meta:
             self.initialize_weights()
 
-    # -- the interface student.py uses ----------------------------------------------------------
+    # -- the StudentBackbone interface (student_backbones.py) ----------------------------------
     @staticmethod
     def paper_defaults(model: dict) -> Tuple[int, tuple, int]:
         """(paper AR steps, timesteps, split): {1, 81} for B and L; split 80 (B) or 130 (L)."""

@@ -87,7 +87,7 @@ class VARDD(nn.Module):
         if not self.pos_1LC.is_meta:
             self.init_weights()
 
-    # -- the interface student.py uses ----------------------------------------------------------
+    # -- the StudentBackbone interface (student_backbones.py) ----------------------------------
     @staticmethod
     def paper_defaults(model: dict) -> Tuple[int, tuple, int]:
         """(paper AR steps, timesteps, split): d16 {1, 6} / 5; d20 and d24 {1, 5} / 4."""

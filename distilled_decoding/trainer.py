@@ -77,7 +77,7 @@ class MicroBatches(Sampler):
         self.micro_batch, self.start = micro_batch, start
         self.per_epoch = len(self.sampler) // micro_batch
         if self.per_epoch < 1:
-            raise ValueError(f"{num_items} pairs are fewer than one batch ({micro_batch} per rank x {world} ranks)")
+            raise ValueError(f"{num_items} items are fewer than one batch ({micro_batch} per rank x {world} ranks)")
 
     def __iter__(self):
         m, epoch, order = self.start, None, None

@@ -116,6 +116,22 @@ def test_forward_shapes_make_xt_and_dd_step(tiny, family):
         s(x, labels, torch.tensor([0, 1, 1]))
 
 
+def test_prefix_mask_and_the_backbone_registry(tiny):
+    """One prefix rule (steps -> leading tokens) and a class registry whose entries meet the protocol."""
+    from distilled_decoding.schedule import prefix_mask
+    from distilled_decoding.student_backbones import BACKBONES, StudentBackbone
+    offs = (0, 1, 5, 14)                                       # steps of 1, 4 and 9 tokens
+    m = prefix_mask(offs, torch.tensor([0, 1, 2, 3, 1]), 14)
+    for row, k in zip(m, (0, 1, 5, 14, 1)):
+        assert torch.equal(row, torch.arange(14) < k)
+    assert sorted(BACKBONES) == sorted(TINY)
+    for family in TINY:
+        s = build_student(tiny[family][1])
+        assert type(s.backbone) is BACKBONES[family] and isinstance(s.backbone, StudentBackbone)
+        t = torch.arange(1, s.num_steps + 2)
+        assert torch.equal(s.data_mask(t), prefix_mask(s.step_offsets, t - 1, s.num_tokens))
+
+
 def _changed(s, x, labels, t, j, scale=3.0):
     """[n] bool: which outputs (logits or emb) move when input token j is perturbed."""
     with torch.no_grad():
