@@ -52,11 +52,15 @@ SIZES = {
 
 
 def run_dd(args: List[str], log: Callable[[str], None] = click.echo) -> None:
-    """Run one `dd` verb in-process, printing its command line first."""
-    from .cli import main
+    """Run one `dd` verb in-process, printing its command line first. The verbs are imported here,
+    not through cli.py (which imports this module for `dd demo`: no import cycle)."""
+    from .dataset_cli import build_dataset_command
+    from .sampling import sample_cmd
+    from .train import train_command
 
+    verbs = {c.name: c for c in (build_dataset_command, train_command, sample_cmd)}
     log("\n$ dd " + " ".join(shlex.quote(a) for a in args))
-    main.main(args=args, prog_name="dd", standalone_mode=False)
+    verbs[args[0]].main(args=args[1:], prog_name=f"dd {args[0]}", standalone_mode=False)
 
 
 def _timing(path: str) -> dict:

@@ -15,10 +15,8 @@ from __future__ import annotations
 import ast
 import os
 import re
-from collections import defaultdict
 from typing import Dict, List, Set, Tuple
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("distilled_decoding", "teachers", "tools")   # tools/ holds scripts: scanned as "tools.<name>"
@@ -205,11 +203,6 @@ def test_teachers_import_nothing_from_distilled_decoding():
     assert not bad, "teachers/ is the base layer and must not import distilled_decoding/:\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "remaining cycle: distilled_decoding.cli <-> distilled_decoding.demo (cli.py registers demo_cmd; "
-    "demo.run_dd imports cli.main to run each verb in-process). The student <-> student_llamagen / "
-    "student_var cycle of a0d558f is gone (a2e8f07). Remove this mark once the demo no longer imports cli "
-    "(strict: the test fails as soon as it passes)"))
 def test_no_import_cycles():
     graph = import_graph()
     assert len(graph) > 20, f"the scan found only {sorted(graph)}"
