@@ -39,3 +39,32 @@ def kill_after(path, *args, timeout: float = 120) -> subprocess.Popen:
     proc.kill()
     proc.wait()
     return proc
+
+
+def tree_digest(root) -> dict:
+    """{relative path: sha256} of every file under `root` (missing root: {}): what a refused command
+    must leave exactly as it was."""
+    import hashlib
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def assert_refused(*args, names: str, watch=(), timeout: float = 180, **kw) -> str:
+    """Run `dd ARGS` and assert the bad-input contract: non-zero exit, exactly one non-empty line on
+    stderr, no traceback, the line mentions `names` (the file / option / key at fault), and no file
+    under any folder in `watch` changed, appeared or vanished. Returns the line."""
+    before = {str(w): tree_digest(w) for w in watch}
+    proc = run_dd(*args, timeout=timeout, **kw)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0, f"exit 0 for {args}; stderr: {proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{proc.stderr}"
+    assert names in lines[0], f"{names!r} not named in: {lines[0]}"
+    for w in watch:
+        assert tree_digest(w) == before[str(w)], f"{w} changed although the command was refused"
+    return lines[0]
