@@ -17,7 +17,7 @@ def load_official(path, teacher, *, ema: bool = True, timesteps: Optional[Sequen
     VAR-DD (`var-d16.pth` ...): under trainer.ema_parameters (ema=False: trainer.var_wo_ddp).
     Every key and shape must match the student built from `teacher`'s config; only derived buffers
     (RoPE tables, KV caches, VAR's level ids / masks / zero k-biases) are ignored and rebuilt.
-    timesteps / split: None = the paper's settings for that model (README: LlamaGen-B split 80, -L 130,
+    timesteps / split: None = the paper's settings for that model (docs/train.md: LlamaGen-B split 80, -L 130,
     VAR-d16 {1, 6} / 5, d20/d24 {1, 5} / 4). opts: backbone options (VAR: layerwise_n_d_embed).
     """
     cls = backbone_class(teacher.family)
