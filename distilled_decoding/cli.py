@@ -11,7 +11,7 @@ def main() -> None:
 
 
 # Verbs are registered below, one line each (keep it that way: helpers add lines here).
-from .metrics import eval_cmd; main.add_command(eval_cmd)  # noqa: E402,E702  dd eval
+from .evaluate import eval_cmd; main.add_command(eval_cmd)  # noqa: E402,E702  dd eval
 from .dataset_cli import build_dataset_command, dataset_group; main.add_command(build_dataset_command); main.add_command(dataset_group)  # noqa: E402,E702  dd build-dataset, dd dataset verify|info
 from .sampling import sample_cmd; main.add_command(sample_cmd)  # noqa: E402,E702  dd sample
 from .train import train_command; main.add_command(train_command)  # noqa: E402,E702  dd train

@@ -71,10 +71,12 @@ def _timing(path: str) -> dict:
 def evaluate(sample_dirs: dict, real_images, real_labels, extractor, teacher_key: str = "teacher") -> dict:
     """Features of every method's samples.npz -> {key: {fid_real, fid_teacher, acc}}.
 
-    real_images: [N, 3, H, W] float in [0, 1]; extractor: a metrics.FeatureExtractor with logits.
+    real_images: [N, 3, H, W] float in [0, 1]; extractor: an extractors.FeatureExtractor with logits.
     """
     import torch
-    from .metrics import extract_features, feature_stats, frechet_distance, open_source
+    from .extractors import extract_features
+    from .image_sets import open_source
+    from .metrics import feature_stats, frechet_distance
 
     with torch.no_grad():
         real_feats, _ = extractor.features_and_logits(real_images.to(extractor.device), want_logits=False)
@@ -114,7 +116,7 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
     the finished data set and training run (both resume) and re-draws the samples."""
     from teachers import load_teacher
     from teachers.zoo import digits_data
-    from .metrics import DigitsExtractor
+    from .extractors import DigitsExtractor
     from .sampling import default_regen
     from .student_run import read_run_config
 

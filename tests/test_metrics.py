@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from distilled_decoding import extractors as E
 from distilled_decoding import metrics as M
 from distilled_decoding.cli import main as cli
 from distilled_decoding.inception import FIDInceptionV3, preprocess
@@ -138,7 +139,7 @@ def test_inception_extractor_loads_strictly(tmp_path):
     torch.manual_seed(0)
     torch.save(FIDInceptionV3().state_dict(), path)
     with pytest.warns(UserWarning, match="sha256"):
-        ext = M.get_extractor(f"inception:{path}", "cpu")
+        ext = E.get_extractor(f"inception:{path}", "cpu")
     assert ext.name.startswith("inception-fid[sha256:") and ext.has_logits
     ext.module.input_size = 75
     f, lg = ext.features_and_logits(torch.rand(1, 3, 16, 16))
@@ -146,12 +147,12 @@ def test_inception_extractor_loads_strictly(tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"fc.weight": torch.zeros(1000, 2048)}, bad)
     with pytest.raises(CheckpointMismatchError, match="missing keys"):
-        M.inception_extractor(bad, check_hash=False)
+        E.inception_extractor(bad, check_hash=False)
 
 
 # --- extractors and dd eval -------------------------------------------------------------------------
 
-class ToyExtractor(M.FeatureExtractor):
+class ToyExtractor(E.FeatureExtractor):
     """2x2 average-pooled colours (12-d) and a fixed random 5-class head."""
 
     name = "toy"
@@ -169,21 +170,21 @@ class ToyExtractor(M.FeatureExtractor):
 
 @pytest.fixture
 def toy(monkeypatch):
-    monkeypatch.setitem(M.EXTRACTORS, "toy", ToyExtractor)
+    monkeypatch.setitem(E.EXTRACTORS, "toy", ToyExtractor)
     return "toy"
 
 
 def test_extractor_registry(toy, monkeypatch):
-    assert isinstance(M.get_extractor("toy"), ToyExtractor)
-    assert isinstance(M.get_extractor(f"{__name__}:ToyExtractor"), ToyExtractor)
+    assert isinstance(E.get_extractor("toy"), ToyExtractor)
+    assert isinstance(E.get_extractor(f"{__name__}:ToyExtractor"), ToyExtractor)
     with pytest.raises(ValueError, match="already registered"):
-        M.register_extractor("toy", ToyExtractor)
-    monkeypatch.setitem(M.EXTRACTORS, "lazy", f"{__name__}:ToyExtractor")
-    assert isinstance(M.get_extractor("lazy"), ToyExtractor)
+        E.register_extractor("toy", ToyExtractor)
+    monkeypatch.setitem(E.EXTRACTORS, "lazy", f"{__name__}:ToyExtractor")
+    assert isinstance(E.get_extractor("lazy"), ToyExtractor)
     with pytest.raises(ValueError, match="unknown feature extractor 'nope'"):
-        M.get_extractor("nope")
+        E.get_extractor("nope")
     module = ToyExtractor()
-    wrapped = M.ModuleExtractor(torch.nn.Flatten(), name="flat")
+    wrapped = E.ModuleExtractor(torch.nn.Flatten(), name="flat")
     assert not wrapped.has_logits and module.has_logits
     assert wrapped.features(torch.rand(3, 3, 2, 2)).shape == (3, 12)
 
@@ -254,7 +255,7 @@ def test_dd_eval_stats_without_features_and_foreign_extractor(tmp_path, toy, mon
 
     class Other(ToyExtractor):
         name = "other"
-    monkeypatch.setitem(M.EXTRACTORS, "other", Other)
+    monkeypatch.setitem(E.EXTRACTORS, "other", Other)
     r = _run(tmp_path / "s.npz", "--ref", tmp_path / "st.npz", "--extractor", "other")
     assert r.exit_code != 0 and "made with extractor 'toy'" in r.output
 

@@ -18,7 +18,7 @@ ZOO maps a name to (family, file stem); the weights and config of `<stem>` live 
 "vae.") and `<stem>.json` (official hyper-parameter names, the DD sampling defaults, how it was
 trained and what it measured).
 
-`dd eval --extractor digits` wraps the classifier (`distilled_decoding.metrics.DigitsExtractor`);
+`dd eval --extractor digits` wraps the classifier (`distilled_decoding.extractors.DigitsExtractor`);
 like everything in `teachers/`, the zoo imports nothing from `distilled_decoding/`.
 """
 from __future__ import annotations
