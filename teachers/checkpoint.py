@@ -27,6 +27,11 @@ class CheckpointMismatchError(RuntimeError):
     """The checkpoint's keys or shapes do not match the model built from the given config."""
 
 
+class CheckpointFileError(RuntimeError):
+    """A checkpoint file that cannot be read at all (truncated, empty, text, not a dict of tensors);
+    the message names the file."""
+
+
 def _torch_load(path: str, weights_only: bool) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
@@ -35,36 +40,50 @@ def _torch_load(path: str, weights_only: bool) -> object:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
 
 
+def load_safetensors(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> dict:
+    """safetensors' load_file, whose errors (truncated, empty, not safetensors) name the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = os.fspath(path)
+    try:
+        return load_file(path, device=str(device))
+    except SafetensorError as e:
+        raise CheckpointFileError(f"{path}: not a readable safetensors file ({e})") from e
+
+
 def read_state_dict(source: StateSource, nesting: Sequence[str] = ("model", "module", "state_dict"),
-                    weights_only: bool = True) -> dict:
+                    weights_only: bool = True, unsafe_hint: Optional[str] = "--unsafe-load") -> dict:
     """Return a flat {key: tensor} from a checkpoint file or dict.
 
     nesting: keys tried in order to find the inner dict (e.g. ("ema",) for EMA weights, or dotted
     paths like "trainer.ema_parameters"); a dict without any of them is taken as bare.
     weights_only: safe unpickling (default). Pass False only for trusted legacy files whose pickle
     holds other objects (e.g. an argparse.Namespace under "args").
+    unsafe_hint: the CLI option that passes weights_only=False, named in the error when a file does
+    not unpickle safely; None where no such option exists (the file is then just unreadable).
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
+        if os.path.getsize(path) == 0:
+            raise CheckpointFileError(f"{path}: empty file, not a checkpoint")
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            obj = load_file(path)
+            obj = load_safetensors(path)
         else:
             try:
                 obj = _torch_load(path, weights_only)
-            except Exception as e:  # noqa: BLE001 - re-raised with the way out spelled out
-                if weights_only:
-                    raise RuntimeError(
-                        f"could not load {path} with weights_only=True ({e.__class__.__name__}: {e}). "
-                        "If you trust this file, load it with weights_only=False "
-                        "(CLI: --unsafe-load).") from e
-                raise
+            except Exception as e:  # noqa: BLE001 - re-raised naming the file (and the way out)
+                first = (str(e).splitlines() or [""])[0]
+                why = f"{path}: not a readable checkpoint ({e.__class__.__name__}: {first})"
+                if weights_only and unsafe_hint and "weights_only" in str(e):
+                    why += (f"; if you trust this file, load it with weights_only=False ({unsafe_hint})")
+                raise CheckpointFileError(why) from e
     else:
         obj = source
     if not isinstance(obj, Mapping):
-        raise TypeError(f"checkpoint is a {type(obj).__name__}, expected a dict of tensors")
+        raise CheckpointFileError(f"{source if isinstance(source, (str, os.PathLike)) else 'checkpoint'} holds a "
+                                  f"{type(obj).__name__}, expected a dict of tensors")
     inner = obj
     for key in nesting:
         node, ok = obj, True
@@ -90,7 +109,7 @@ def read_state_dict(source: StateSource, nesting: Sequence[str] = ("model", "mod
         out[k] = v
     if not out:
         raise CheckpointMismatchError(
-            f"no tensors found in checkpoint (top-level keys: {sorted(obj)[:10]}; tried nesting {list(nesting)})")
+            f"no tensors found in {source if isinstance(source, (str, os.PathLike)) else 'checkpoint'} (top-level keys: {sorted(obj)[:10]}; tried nesting {list(nesting)})")
     return out
 
 
@@ -98,6 +117,14 @@ def _short(keys: Iterable[str], n: int = 8) -> str:
     keys = sorted(keys)
     more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
+
+
+def check_finite(state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise CheckpointFileError naming the tensors of `state` that hold NaN or inf (a diverged run's
+    weights would otherwise fail much later, e.g. as all-zero probabilities or black images)."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointFileError(f"{where}: {len(bad)} tensor(s) hold NaN/inf: {_short(bad, 4)}")
 
 
 def check_keys(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor],
@@ -128,7 +155,8 @@ def check_keys(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Ten
 def load_strict(build: Callable[[], nn.Module], source: Optional[StateSource], *,
                 ignore: Sequence[str] = (), nesting: Sequence[str] = ("model", "module", "state_dict"),
                 device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
-                weights_only: bool = True, what: str = "model") -> nn.Module:
+                weights_only: bool = True, what: str = "model",
+                unsafe_hint: Optional[str] = "--unsafe-load") -> nn.Module:
     """Build a model and load `source` strictly into it.
 
     build: zero-arg constructor. With `source=None` the model is built on `device` with its own
@@ -136,18 +164,24 @@ def load_strict(build: Callable[[], nn.Module], source: Optional[StateSource], *
     checkpoint tensors are assigned (cast to `dtype` if floating), so a model loads in about its own
     size. Non-persistent buffers (RoPE tables, masks) are then rebuilt by each module's
     `reset_buffers()` (a method every model with derived buffers defines).
-    what: the config description used in error messages.
+    what: the config description used in error messages; unsafe_hint: see `read_state_dict`.
     """
     device = torch.device(device)
     if source is None:
         with device:
             model = build()
         return model.to(dtype=dtype) if dtype is not None else model
-    state = read_state_dict(source, nesting=nesting, weights_only=weights_only)
+    state = read_state_dict(source, nesting=nesting, weights_only=weights_only, unsafe_hint=unsafe_hint)
     with torch.device("meta"):
         model = build()
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = check_keys(expected, state, ignore=ignore, what=what)
+    try:
+        state = check_keys(expected, state, ignore=ignore, what=what)
+    except CheckpointMismatchError as e:
+        if isinstance(source, (str, os.PathLike)):
+            raise CheckpointMismatchError(f"{os.fspath(source)}: {e}") from None
+        raise
+    check_finite(state, os.fspath(source) if isinstance(source, (str, os.PathLike)) else what)
     model_sd = model.state_dict()
     cast = {}
     for k, v in state.items():
