@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .fileio import fsync_dir, tmp_path
+from .fileio import fsync_dir, remove_stale_tmp, tmp_path
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)   # member timestamp of every file we write (byte-identical outputs)
 
@@ -60,6 +60,7 @@ def write_adm_npz(path: str, num: int, image_shape: tuple, image_batches: Iterab
                   labels: Optional[np.ndarray] = None) -> None:
     """Write `path` atomically: arr_0 = the `num` images of `image_batches` (uint8 [b, *image_shape]
     each, in order), arr_1 = labels (int64 [num]) when given."""
+    remove_stale_tmp(path)
     tmp = tmp_path(path)
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         stream = NpyStream(zf, "arr_0", (num,) + tuple(image_shape), np.uint8)

@@ -10,11 +10,9 @@ import torch
 from teachers.base import SamplingConfig
 
 from .dataset import PairDataset
-from .fileio import normalise_json
 from .flowmap import FlowMapConfig
-from .pairs import generate_pairs, pair_store, read_manifest
+from .pairs import generate_pairs, pair_store, read_manifest, teacher_differences
 from .seeding import sample_labels, sample_noise
-from .shard_store import diff_settings
 from .teacher_spec import TeacherSpec
 
 
@@ -54,11 +52,9 @@ def _recompute(root, m, n_check, *, device, batch_size, spec, seed, log) -> list
     st = m["settings"]
     spec = spec or TeacherSpec.from_dict(m["teacher_spec"])
     teacher = spec.load(device)
-    ident = normalise_json(teacher.describe())
-    if ident != st["teacher"]:
-        diffs = diff_settings(st["teacher"], ident, "teacher")
-        return ["the teacher loaded for --recompute is not the one recorded: "
-                + "; ".join(f"{a}: {b!r} vs {c!r}" for a, b, c in diffs)]
+    wrong = teacher_differences(st, teacher)
+    if wrong:
+        return ["the teacher loaded for --recompute is not the one recorded: " + "; ".join(wrong)]
     ds = PairDataset(root)
     g = torch.Generator().manual_seed(seed)
     picks = torch.randperm(len(ds), generator=g)[:n_check].tolist()

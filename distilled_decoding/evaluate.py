@@ -12,6 +12,8 @@ import torch
 
 from .distributed import default_device
 from .adm_npz import npz_members
+from .errors import DDError
+from .fileio import atomic_write, check_outputs
 from .extractors import (EXTRACTORS, INCEPTION_FILE, FeatureExtractor, default_inception_path, extract_features,
                          get_extractor)
 from .image_sets import STATS_KEYS, EvalInputError, ImageSet, open_source, save_stats
@@ -48,14 +50,20 @@ def _fmt(v: Optional[float], std: Optional[float] = None) -> str:
               help="Store features in --ref-stats (precision/recall against it needs them).")
 @click.option("--workers", default=8, show_default=True, type=click.IntRange(min=1),
               help="Threads decoding image files.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Replace an existing --ref-stats / --json file (an input is never overwritten).")
 def eval_cmd(samples, ref, ref_stats_out, extractor, inception_path, batch_size, device, json_out, k,
-             splits, limit, save_features, workers):
+             splits, limit, save_features, workers, overwrite):
     """FID, Inception Score and precision/recall (k-NN, default k=3) of SAMPLES against --ref.
 
     SAMPLES: an ADM-format .npz ('arr_0', uint8 [N, H, W, 3]) or a folder of images. Without --ref only
     the Inception Score is reported; with --ref-stats and no --ref, SAMPLES is taken as the reference
     set and its statistics are saved.
     """
+    if ref_stats_out and json_out and os.path.realpath(ref_stats_out) == os.path.realpath(json_out):
+        raise DDError(f"--ref-stats and --json are the same file {json_out}; give them different paths")
+    check_outputs({"--ref-stats": ref_stats_out, "--json": json_out},
+                  {"SAMPLES": samples, "--ref": ref, "--inception": inception_path}, overwrite)
     try:
         with warnings.catch_warnings(record=True) as caught:   # shown as notes, not as source lines
             warnings.simplefilter("always")
@@ -88,8 +96,7 @@ def eval_cmd(samples, ref, ref_stats_out, extractor, inception_path, batch_size,
         parent = os.path.dirname(json_out)
         if parent:
             os.makedirs(parent, exist_ok=True)
-        with open(json_out, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write(json_out, json.dumps(result, indent=2).encode())
         click.echo(f"wrote {json_out}")
 
 

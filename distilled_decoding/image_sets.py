@@ -6,6 +6,7 @@ layout) plus, written by us, `features` (needed for precision/recall), `extracto
 """
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 
 from .adm_npz import AdmNpzReader, InputFileError, npz_members
+from .fileio import atomic_write
 
 
 EvalInputError = InputFileError   # an input file or folder is not what `dd eval` expects
@@ -125,8 +127,9 @@ def save_stats(path: Union[str, os.PathLike], mu: np.ndarray, sigma: np.ndarray,
     parent = os.path.dirname(os.fspath(path))
     if parent:
         os.makedirs(parent, exist_ok=True)
-    with open(path, "wb") as f:   # a file object: numpy must not append ".npz" to the name
-        np.savez(f, **arrays)
+    buf = io.BytesIO()   # a file object: numpy must not append ".npz" to the name
+    np.savez(buf, **arrays)
+    atomic_write(os.fspath(path), buf.getvalue())   # a killed run leaves no half-written statistics
 
 
 def load_stats(path: Union[str, os.PathLike]) -> dict:

@@ -27,9 +27,20 @@ def make_grid(images: np.ndarray, ncols: Optional[int] = None, pad: int = 2, fil
     return out
 
 
-def save_png(array: np.ndarray, path: str) -> None:
+def save_png(array: np.ndarray, path: str, atomic: bool = True) -> None:
+    """uint8 [H, W, 3] -> a PNG file, written atomically (a killed run leaves no half image) unless
+    `atomic` is False (files of a temporary folder that is moved into place whole)."""
+    import io
+
     from PIL import Image
-    Image.fromarray(array).save(path)
+
+    from .fileio import atomic_write
+    if not atomic:
+        Image.fromarray(array).save(path)
+        return
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    atomic_write(path, buf.getvalue())
 
 
 def labelled_rows(rows: Sequence[Tuple[str, np.ndarray]], pad: int = 2) -> np.ndarray:

@@ -27,8 +27,9 @@ import torch
 
 from teachers.base import SamplingConfig, Teacher
 
+from .fileio import normalise_json
 from .flowmap import FlowMapConfig, flow_map
-from .shard_store import ShardSchema, ShardStore, StoreError
+from .shard_store import ShardSchema, ShardStore, StoreError, diff_settings
 
 # FlowMapConfig fields that change how, not what, is computed (kept in the manifest, not compared).
 FLOW_MAP_NON_DATA = ("mem_budget_mb",)
@@ -56,6 +57,19 @@ def pair_store(root: str) -> ShardStore:
 def read_manifest(root: str) -> dict:
     """The manifest of a pair data set (StoreError unless `root` is one)."""
     return pair_store(root).read_manifest()
+
+
+def teacher_differences(settings: dict, teacher: Teacher, limit: int = 3) -> list:
+    """'teacher.<key>: recorded vs now' for the identity fields (family, configs, checkpoint hashes) in
+    which `teacher` differs from the one that built a data set of `settings`; [] = the same teacher."""
+    diffs = diff_settings(settings["teacher"], normalise_json(teacher.describe()), "teacher")
+    out = [f"{name}: {_short(a)} recorded vs {_short(b)} now" for name, a, b in diffs[:limit]]
+    return out + ([f"... {len(diffs) - limit} more"] if len(diffs) > limit else [])
+
+
+def _short(v, n: int = 24) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
 
 
 # ---- the pair definition ------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .errors import DDError
 from .fileio import atomic_json, link_or_copy, save_state_dict
 
 CONFIG_FILE = "config.json"
@@ -45,6 +46,22 @@ def read_run_config(run_dir: str, fmt: str, what: str = "run") -> dict:
     if info.get("format") != fmt:
         raise ValueError(f"{path}: format {info.get('format')!r}, expected {fmt!r}")
     return info
+
+
+def claim_run_dir(out: str, *, resume: bool, overwrite: bool, remove: bool = True) -> None:
+    """A fresh run never writes into a directory that holds anything (DDError naming --out), unless
+    `resume` (continue it) or `overwrite` (replace it: only a run directory - config.json,
+    checkpoints/ or metrics.jsonl - is removed, with everything in it, when `remove`, i.e. on rank 0)."""
+    if resume or not os.path.isdir(out) or not os.listdir(out):
+        return
+    if not overwrite:
+        raise DDError(f"--out {out}: exists and is not empty (an earlier run?); pass --resume to continue it, "
+                      "--overwrite to replace it, or use another --out")
+    if not set(os.listdir(out)) & {CONFIG_FILE, CKPT_DIR, METRICS_FILE}:
+        raise DDError(f"--out {out}: is not a run directory (no {CONFIG_FILE}, {CKPT_DIR}/ or {METRICS_FILE}); "
+                      "--overwrite only replaces runs")
+    if remove:
+        shutil.rmtree(out)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 
 from .adm_npz import AdmNpzReader, write_adm_npz
 from .distributed import dist_info
-from .fileio import atomic_write, file_sha256, json_bytes, normalise_json
+from .fileio import atomic_write, file_sha256, json_bytes, normalise_json, replace_dir, tmp_path
 from .images import make_grid, save_png, to_uint8
 from .samplers import SamplePlan
 from .seeding import make_labels
@@ -41,6 +41,7 @@ from .timing import Stopwatch, timing_line, timing_record
 SAMPLES_FILE = "samples.npz"
 TOKENS_FILE = "tokens.npy"
 GRID_FILE = "grid.png"
+PNG_DIR = "png"
 
 
 def sample_shapes(settings: dict, m: int) -> dict:
@@ -145,13 +146,18 @@ def _shards(store: ShardStore, manifest: dict):
 
 def assemble_outputs(out: str, manifest: dict, png: bool = False, grid_max: int = 64) -> None:
     """samples.npz, tokens.npy, grid.png (and png/) from the shards of a complete sample set, in index
-    order; a pure function of the shards' bytes."""
+    order; a pure function of the shards' bytes. png/ is written as a temporary folder and moved into
+    place whole (a killed run leaves no partial image set); an existing png/ is always rewritten, so
+    it never holds images of an earlier, smaller run."""
     store = sample_store(out)
     st = manifest["settings"]
     num = manifest["num_samples"]
     labels, tokens, grid = [], [], []
+    png_dir = os.path.join(out, PNG_DIR)
+    png = png or os.path.isdir(png_dir)
+    png_tmp = tmp_path(png_dir)
     if png:
-        os.makedirs(os.path.join(out, "png"), exist_ok=True)
+        os.makedirs(png_tmp)
 
     def images():
         for sh in _shards(store, manifest):
@@ -162,7 +168,7 @@ def assemble_outputs(out: str, manifest: dict, png: bool = False, grid_max: int 
                 grid.extend(arr[:grid_max - len(grid)])
             if png:
                 for i, im in zip(sh["index"].tolist(), arr):
-                    save_png(im, os.path.join(out, "png", f"{i:06d}.png"))
+                    save_png(im, os.path.join(png_tmp, f"{i:06d}.png"), atomic=False)
             yield arr
 
     # labels are only known after the images streamed by: arr_1 is written from the shards again
@@ -173,6 +179,8 @@ def assemble_outputs(out: str, manifest: dict, png: bool = False, grid_max: int 
     atomic_write(os.path.join(out, TOKENS_FILE), buf.getvalue())
     if grid:
         save_png(make_grid(np.stack(grid)), os.path.join(out, GRID_FILE))
+    if png:
+        replace_dir(png_tmp, png_dir)
 
 
 def _labels_of(store: ShardStore, manifest: dict) -> np.ndarray:

@@ -227,10 +227,18 @@ def sample_cmd(out, run, steps, timesteps, split, snap, regen, baseline, skip_fi
         if run is not None and baseline != "onestep":
             student, info, teacher = _load_run(run, device, ema)
             sampling = _sampling(teacher, _run_sampling_base(info), overrides)
+            if data is not None:
+                from .pairs import read_manifest, teacher_differences
+                wrong = teacher_differences(read_manifest(data)["settings"], teacher)
+                if wrong:
+                    _fail(f"--data {data}: built by another teacher than --run {run}'s ({'; '.join(wrong)})")
         else:
             from .pairs import read_manifest
             from .teacher_spec import TeacherSpec
             m = read_manifest(data)
+            if baseline == "onestep" and not m["complete"]:
+                _fail(f"--data {data}: the data set is incomplete ({len(m['shards'])} of {m['num_shards']} "
+                      "shards); finish it by re-running its `dd build-dataset` command")
             teacher = TeacherSpec.from_dict(m["teacher_spec"]).load(device)
             sampling = _sampling(teacher, m["settings"].get("sampling"), overrides)
         check_label_spec(labels, teacher.num_classes)

@@ -15,6 +15,15 @@ parseable) and recomputes the rest. A larger `num_samples` extends a store. A di
 other settings is refused, naming each differing setting; nothing already written is ever deleted
 except stale temporary files. A complete store asked for again is left byte-identical.
 
+**Integrity.** The manifest also records `settings_sha256` (of the settings as sorted JSON): a
+manifest whose settings were edited afterwards is refused by every reader (stores written before
+this field are read as they are). A resumed build re-hashes the finished shards before trusting
+them, so a corrupt shard is named and rebuilt, never kept.
+
+**One builder at a time.** The build holds `.lock` (O_EXCL, holding the builder's host and pid) in
+the directory; a second build into it is refused, naming the holder. A lock whose process is gone
+(same host) is stale and taken over.
+
 **Several processes.** Under torchrun every rank calls `build_shards` alike: rank 0 checks the
 directory and lists the shards still to do, rank r produces every world-th of them, and rank 0
 writes the final manifest after a barrier.
@@ -25,6 +34,8 @@ import datetime
 import glob
 import json
 import os
+import shutil
+import socket
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
@@ -32,10 +43,11 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .distributed import barrier, broadcast_object, dist_info
-from .fileio import atomic_write, file_sha256, json_bytes, sha256_bytes
+from .fileio import atomic_write, file_sha256, json_bytes, pid_alive, sha256_bytes
 
 MANIFEST = "manifest.json"
 PROGRESS_DIR = ".progress"
+LOCK_FILE = ".lock"
 
 # (settings, count) -> {tensor name: shape} of a shard of `count` samples ("index" included)
 ShapesFn = Callable[[dict, int], Dict[str, tuple]]
@@ -73,6 +85,11 @@ def shard_bounds(k: int, shard_size: int, num_samples: int) -> tuple:
 
 def num_shards(num_samples: int, shard_size: int) -> int:
     return -(-num_samples // shard_size)
+
+
+def settings_sha256(settings: dict) -> str:
+    """The hash a manifest records of its settings (sorted-key JSON)."""
+    return sha256_bytes(json.dumps(settings, sort_keys=True).encode())
 
 
 def diff_settings(old, new, prefix: str = "") -> list:
@@ -117,6 +134,10 @@ class ShardStore:
         if m.get("format") != sc.format or m.get("format_version") != sc.version:
             raise StoreError(f"{path}: format {m.get('format')!r} v{m.get('format_version')}, "
                              f"this code reads {sc.format!r} v{sc.version}")
+        want = m.get("settings_sha256")
+        if want is not None and settings_sha256(m.get("settings")) != want:
+            raise StoreError(f"{path}: its settings were edited after the build (settings_sha256 does not match); "
+                             f"restore them or rebuild the {sc.noun}")
         return m
 
     def check_shard(self, entry: dict, settings: dict, *, verify_hash: bool) -> None:
@@ -192,8 +213,9 @@ class ShardStore:
         return entry
 
     def finished_shards(self, manifest: Optional[dict], settings: dict, num_samples: int,
-                        warn: Callable[[str], None]) -> dict:
-        """{k: entry} of the shards that are done for `num_samples` and intact on disk (size + parse)."""
+                        warn: Callable[[str], None], verify_hash: bool = False) -> dict:
+        """{k: entry} of the shards that are done for `num_samples` and intact on disk (size + parse,
+        + sha256 when `verify_hash`)."""
         records = {}
         for e in (manifest or {}).get("shards", []):
             records[e["shard"]] = e
@@ -211,7 +233,7 @@ class ShardStore:
             if count == 0 or e.get("start") != start or e.get("count") != count:
                 continue  # e.g. the old last shard of a store being extended: rebuilt
             try:
-                self.check_shard(e, settings, verify_hash=False)
+                self.check_shard(e, settings, verify_hash=verify_hash)
             except StoreError as err:
                 warn(f"{err}; rebuilding it")
                 continue
@@ -222,7 +244,7 @@ class ShardStore:
                  complete: bool) -> dict:
         return {"format": self.schema.format, "format_version": self.schema.version, "complete": complete,
                 "num_samples": int(num_samples), "num_shards": num_shards(num_samples, settings["shard_size"]),
-                "settings": settings, **extra,
+                "settings": settings, "settings_sha256": settings_sha256(settings), **extra,
                 "build": dict(build_info, updated=datetime.datetime.now().isoformat(timespec="seconds")),
                 "shards": shards}
 
@@ -245,8 +267,14 @@ class ShardStore:
             raise StoreError(f"{out} holds shards but no {MANIFEST}; refusing to mix {self.schema.noun}s")
         os.makedirs(os.path.join(out, PROGRESS_DIR), exist_ok=True)
         for p in glob.glob(self.path("*.tmp.*")) + glob.glob(os.path.join(out, PROGRESS_DIR, "*.tmp.*")):
-            os.remove(p)  # temporaries of an interrupted run; finished files are never touched
-        done = self.finished_shards(old, settings, num_samples, warn)
+            # temporaries of an interrupted run (files, or a folder such as png.tmp.<pid>); finished
+            # files are never touched. The build lock keeps any live writer out of this directory.
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.remove(p)
+        # Re-hash what an earlier run wrote: a shard corrupted since is named and rebuilt, not kept.
+        done = self.finished_shards(old, settings, num_samples, warn, verify_hash=True)
         todo = [k for k in range(num_shards(num_samples, settings["shard_size"])) if k not in done]
         if old is not None and old.get("complete") and not todo and old["num_samples"] == num_samples:
             # Nothing to do: leave manifest.json byte-identical (consumers record its sha256).
@@ -273,6 +301,55 @@ class ShardStore:
         self._drop_progress_dir()
         return manifest
 
+    # ---- the build lock ----------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take `.lock` (O_EXCL) for this process; StoreError naming the holder when another live
+        process holds it. A lock of a process gone from this host is stale and taken over."""
+        os.makedirs(self.root, exist_ok=True)
+        path = self.path(LOCK_FILE)
+        me = f"{socket.gethostname()} {os.getpid()}\n"
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    with open(path) as f:
+                        host, pid = f.read().split()
+                    pid = int(pid)
+                except (OSError, ValueError):
+                    host, pid = None, None   # being written right now, or garbage: check again
+                    time.sleep(0.2)
+                    try:
+                        with open(path) as f:
+                            host, pid = f.read().split()
+                        pid = int(pid)
+                    except FileNotFoundError:
+                        continue
+                    except (OSError, ValueError):
+                        raise StoreError(f"{path}: an unreadable build lock; if no build is running "
+                                         "into this directory, remove it") from None
+                if host == socket.gethostname() and not pid_alive(pid):
+                    try:
+                        os.remove(path)  # stale: its process is gone
+                    except FileNotFoundError:
+                        pass
+                    continue
+                raise StoreError(f"{self.root} is being built by process {pid} on {host} (lock {path}); "
+                                 "wait for it to finish, or remove the lock if that process is gone")
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            return
+        raise StoreError(f"{path}: could not take the build lock")
+
+    def unlock(self) -> None:
+        try:
+            with open(self.path(LOCK_FILE)) as f:
+                mine = f.read().split() == [socket.gethostname(), str(os.getpid())]
+        except OSError:
+            return
+        if mine:
+            os.remove(self.path(LOCK_FILE))
+
     def _drop_progress_dir(self) -> None:
         try:
             os.rmdir(os.path.join(self.root, PROGRESS_DIR))
@@ -293,15 +370,30 @@ def build_shards(store: ShardStore, settings: dict, num_samples: int, produce: P
     shard_size = settings["shard_size"]
     if num_samples <= 0 or shard_size <= 0:
         raise ValueError("num_samples and shard_size must be positive")
-    out, unit = store.root, store.schema.unit
     warn = (lambda msg: log(f"warning: {msg}")) if rank == 0 else (lambda msg: None)
 
     plan = None
+    locked = False
     if rank == 0:
         try:
+            store.lock()
+            locked = True
             plan = store.prepare(settings, extra, num_samples, build_info, warn)
         except StoreError as e:
             plan = {"error": str(e)}
+    try:
+        return _build(store, settings, num_samples, produce, plan, extra=extra, build_info=build_info,
+                      show_progress=show_progress, desc=desc, log=log, warn=warn)
+    finally:
+        if locked:
+            store.unlock()
+
+
+def _build(store, settings, num_samples, produce, plan, *, extra, build_info, show_progress, desc, log, warn):
+    """build_shards after rank 0 took the lock and planned the work (`plan`, None on other ranks)."""
+    rank, world = dist_info()
+    shard_size = settings["shard_size"]
+    out, unit = store.root, store.schema.unit
     plan = broadcast_object(plan, rank, world)
     if "error" in plan:
         raise StoreError(plan["error"])

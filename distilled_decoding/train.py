@@ -41,7 +41,9 @@ from .dataset import PairDataset
 from .dd_loss import dd_loss, make_emb_loss
 from .distributed import barrier, finish_distributed, init_distributed
 from .fileio import file_sha256, save_state_dict
-from .run_dir import publish
+from .errors import DDError
+from .pairs import teacher_differences
+from .run_dir import claim_run_dir, publish
 from .seeding import sample_timestep
 from .student import DDStudent, build_student
 from .student_run import CODEBOOK_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE, write_run_config
@@ -81,6 +83,7 @@ class TrainArgs:
     precision: Optional[str] = None
     device: Optional[str] = None
     resume: bool = False
+    overwrite: bool = False                      # replace an existing run in --out
     progress: bool = True
     checkpoint: Optional[str] = None             # teacher transformer checkpoint override
     tokenizer_checkpoint: Optional[str] = None   # teacher tokenizer checkpoint override
@@ -126,14 +129,21 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
     out = args.out
     torch.manual_seed(args.seed * world + rank)
 
+    claim_run_dir(out, resume=args.resume, overwrite=args.overwrite, remove=rank == 0)
+    barrier(world)
+
     # -- data and teacher --
-    pairs = PairDataset(args.data)
+    pairs = PairDataset(args.data, verify=True)     # every shard's sha256, once per run, before any step
     spec = pairs.teacher_spec
     overrides = {k: os.path.abspath(v) for k, v in (("checkpoint", args.checkpoint),
                                                     ("tokenizer_checkpoint", args.tokenizer_checkpoint)) if v}
     if overrides:
         spec = dataclasses.replace(spec, **overrides)
     teacher = spec.load(device)
+    wrong = teacher_differences(pairs.settings, teacher)
+    if wrong:
+        what = f"--checkpoint {args.checkpoint}" if args.checkpoint else f"the teacher of {args.data}"
+        raise DDError(f"{what}: not the teacher that built the data set {args.data} ({'; '.join(wrong)})")
     if (pairs.num_tokens, pairs.embed_dim) != (teacher.num_tokens, teacher.embed_dim):
         raise ValueError(f"data set pairs are [{pairs.num_tokens}, {pairs.embed_dim}], the teacher makes "
                          f"[{teacher.num_tokens}, {teacher.embed_dim}]")
@@ -257,6 +267,8 @@ def _parse_timesteps(ctx, param, value):
               help="bf16 autocast or fp32. Default: bf16 on CUDA with bf16 support, else fp32.")
 @click.option("--device", default=None, help="cpu, cuda ... Default: cuda when available.")
 @click.option("--resume", is_flag=True, default=False, help="Continue from the latest checkpoint in --out.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Replace the run already in --out (without it, a non-empty --out is refused).")
 @click.option("--checkpoint", "teacher_checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Teacher transformer checkpoint, if not where the data set's manifest says.")
 @click.option("--tokenizer-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -264,14 +276,14 @@ def _parse_timesteps(ctx, param, value):
 @click.option("--no-progress", is_flag=True, default=False)
 def train_command(data, out, timesteps, split, lambda_ce, lambda_emb, emb_loss, lpips_net, batch_size, grad_accum,
                   lr, weight_decay, ema_decay, grad_clip, max_steps, ckpt_every, keep_checkpoints, log_every,
-                  num_workers, seed, precision, device, resume, teacher_checkpoint, tokenizer_checkpoint, no_progress):
+                  num_workers, seed, precision, device, resume, overwrite, teacher_checkpoint, tokenizer_checkpoint, no_progress):
     """Train a DD student on a pair data set (multi-process under torchrun)."""
     args = TrainArgs(data=data, out=out, timesteps=timesteps, split=split, lambda_ce=lambda_ce,
                      lambda_emb=lambda_emb, emb_loss=emb_loss, lpips_net=lpips_net, batch_size=batch_size,
                      grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay,
                      grad_clip=grad_clip, max_steps=max_steps, ckpt_every=ckpt_every,
                      keep_checkpoints=keep_checkpoints, log_every=log_every, num_workers=num_workers, seed=seed,
-                     precision=precision, device=device, resume=resume, progress=not no_progress,
+                     precision=precision, device=device, resume=resume, overwrite=overwrite, progress=not no_progress,
                      checkpoint=teacher_checkpoint, tokenizer_checkpoint=tokenizer_checkpoint)
     try:
         train(args, log=click.echo)
