@@ -11,7 +11,7 @@ import json
 import click
 
 from .dataset_check import dataset_info, verify_dataset
-from .distributed import default_device, finish_distributed, init_distributed
+from .distributed import default_device, device_option_check, finish_distributed, init_distributed
 from .dpm_solver import SPACINGS, VARIANTS
 from .flowmap import FlowMapConfig
 from .dataset_build import build_dataset
@@ -70,7 +70,7 @@ def flow_map_options(f):
 @click.option("--labels", "labels", type=click.Choice(LABEL_MODES), default="balanced", show_default=True,
               help="balanced: each class once per block of num_classes indices; uniform: i.i.d. classes.")
 @click.option("--store-noise", is_flag=True, default=False, help="Also store the fp32 noise in the shards.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... Default: cuda when available.")
+@click.option("--device", default=None, callback=device_option_check, help="cpu, cuda, cuda:1 ... Default: cuda when available.")
 @click.option("--no-progress", is_flag=True, default=False, help="No progress bar.")
 @flow_map_options
 @teacher_options
@@ -103,7 +103,7 @@ def dataset_group():
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @click.option("--recompute", default=0, show_default=True, type=click.IntRange(min=0),
               help="Regenerate this many random samples with the teacher and compare tokens.")
-@click.option("--device", default=None, help="Device for --recompute. Default: cuda when available.")
+@click.option("--device", default=None, callback=device_option_check, help="Device for --recompute. Default: cuda when available.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Teacher checkpoint, if it moved since the build (its hash must match).")

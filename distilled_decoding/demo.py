@@ -20,6 +20,8 @@ from typing import Callable, List
 import click
 import numpy as np
 
+from .distributed import device_option_check
+
 
 @dataclasses.dataclass(frozen=True)
 class DemoSize:
@@ -194,7 +196,7 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
 @click.option("--size", "size_name", type=click.Choice(sorted(SIZES)), default="default", show_default=True,
               help="Work budget: default fits `make demo` (~10 min on 2 CPU cores).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", callback=device_option_check, show_default=True)
 def demo_cmd(family, out, size_name, seed, device):
     """Run build-dataset -> train -> sample -> eval on a shipped digits teacher; print a Table 1."""
     out = out or os.path.join("demo_out", family)

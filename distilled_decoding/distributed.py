@@ -14,6 +14,38 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: Optional[str]) -> Optional[str]:
+    """`device` if this machine has it (None / "auto" pass through), else ValueError saying why:
+    a name torch does not know, or CUDA / MPS on a build or machine without it."""
+    if device in (None, "auto"):
+        return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{device!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{device!r}: no CUDA device here (torch {torch.__version__}, "
+                             f"cuda.is_available() is False); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{device!r}: no MPS device here; use cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"{device!r}: dd runs on cpu, cuda or mps")
+    return device
+
+
+def device_option_check(ctx, param, value):
+    """click callback of every --device option: refuse an unusable device before any work."""
+    import click
+    try:
+        return check_device(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+
 def init_distributed(device: Optional[str]) -> tuple:
     """-> (rank, world, device, initialised_here). Joins the torchrun group when WORLD_SIZE > 1:
     nccl on CUDA (device cuda:LOCAL_RANK), gloo on CPU. device None = `default_device()`."""

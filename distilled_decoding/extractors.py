@@ -111,7 +111,7 @@ def inception_extractor(path: Union[str, os.PathLike], device: Union[str, torch.
                           "FID values will not be comparable with published ones")
             name = f"inception-fid[sha256:{sha[:16]}]"
     model = load_strict(FIDInceptionV3, path, device=device,
-                        what=f"pytorch-fid InceptionV3 ({INCEPTION_FILE} layout)")
+                        what=f"pytorch-fid InceptionV3 ({INCEPTION_FILE} layout)", unsafe_hint=None)
     return ModuleExtractor(model, name=name, returns_logits=True, device=device)
 
 

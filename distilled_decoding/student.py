@@ -137,6 +137,8 @@ def build_student(teacher, timesteps: Optional[Sequence[int]] = None, split: Opt
     split = d_split if split is None else split
     if max(timesteps) > teacher.num_steps:
         raise ValueError(f"timesteps {tuple(timesteps)} exceed the teacher's {teacher.num_steps} AR steps")
+    if not 1 <= split <= teacher.num_steps:
+        raise ValueError(f"--split {split}: must be an AR step in [1, {teacher.num_steps}] of this teacher")
     codebook = teacher.codebook.float()
     dev = codebook.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):

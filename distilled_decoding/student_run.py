@@ -62,7 +62,7 @@ def load_run(run_dir: str, device: Union[str, torch.device] = "cpu", ema: bool =
     or student.safetensors when the run has no EMA). run_info is config.json: "student" (the
     StudentConfig dict), "teacher" (the TeacherSpec dict), "split", "timesteps", "data", "train", ...
     """
-    from safetensors.torch import load_file
+    from teachers.checkpoint import load_safetensors as load_file
     info = read_run_config(run_dir)
     config = StudentConfig.from_dict(info["student"])
     name = WEIGHTS_FILE

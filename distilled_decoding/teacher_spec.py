@@ -153,13 +153,36 @@ _TEACHER_OPTIONS = [
                  help="Unpickle trusted legacy checkpoints with weights_only=False."),
     click.option("--cfg-scale", "cfg_scale", type=float, default=None,
                  help="Classifier-free guidance scale. Default: the teacher family's DD setting."),
-    click.option("--temperature", "temperature", type=float, default=None,
+    click.option("--temperature", "temperature", type=click.FloatRange(min=0.0, min_open=True), default=None,
                  help="Sampling temperature. Default: the teacher family's DD setting."),
     click.option("--top-k", "top_k", type=int, default=None,
                  help="Top-k (<= 0 keeps all). Default: the teacher family's DD setting."),
     click.option("--top-p", "top_p", type=float, default=None,
                  help="Top-p (<= 0 or >= 1 keeps all). Default: the teacher family's DD setting."),
 ]
+
+
+def check_teacher_options(spec: TeacherSpec) -> None:
+    """Refuse, naming the option, what would otherwise fail deep in the loader or be silently
+    ignored: an unknown teacher, a preset of another family, files or configs given to a zoo teacher
+    (whose weights and config are fixed; they would be ignored yet recorded in the manifest)."""
+    from teachers import FAMILIES, family_module, zoo_names
+    if spec.teacher not in FAMILIES:
+        if spec.teacher not in zoo_names():
+            raise click.BadParameter(f"unknown teacher {spec.teacher!r}; families: {sorted(FAMILIES)}, "
+                                     f"zoo: {zoo_names()}", param_hint="'--teacher'")
+        given = [name for name, value in (("--config", spec.config), ("--checkpoint", spec.checkpoint),
+                                          ("--tokenizer-config", spec.tokenizer_config),
+                                          ("--tokenizer-checkpoint", spec.tokenizer_checkpoint)) if value]
+        if given:
+            raise click.BadParameter(f"zoo teacher {spec.teacher!r} has its own weights and config; "
+                                     f"drop {', '.join(given)} (or use its family with them)",
+                                     param_hint=f"'{given[0]}'")
+        return
+    presets = getattr(family_module(spec.teacher), "PRESETS", {})
+    if isinstance(spec.config, str) and presets and spec.config not in presets:
+        raise click.BadParameter(f"{spec.config!r} is not a {spec.teacher} preset; choose from {sorted(presets)}",
+                                 param_hint="'--config'")
 
 
 def teacher_options(f):
@@ -175,6 +198,7 @@ def teacher_options(f):
                                dtype=dtype, ema=ema, weights_only=not unsafe_load)
         except (ValueError, FileNotFoundError) as e:
             raise click.BadParameter(str(e)) from e
+        check_teacher_options(spec)
         overrides = {k: v for k, v in (("cfg_scale", cfg_scale), ("temperature", temperature),
                                        ("top_k", top_k), ("top_p", top_p)) if v is not None}
         return f(*args, teacher_spec=spec, sampling_overrides=overrides, **kwargs)

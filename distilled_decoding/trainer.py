@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -23,9 +24,12 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from teachers.checkpoint import CheckpointFileError
+
 from .distributed import barrier, mean_over_ranks
-from .run_dir import (CKPT_DIR, append_metrics, latest_checkpoint, load_checkpoint, save_checkpoint,
-                      truncate_metrics)
+from .errors import DDError
+from .run_dir import (CKPT_DIR, append_metrics, checkpoint_dirs, latest_checkpoint, load_checkpoint,
+                      save_checkpoint, truncate_metrics)
 
 LossFn = Callable[[torch.nn.Module, dict], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
 
@@ -114,7 +118,7 @@ def resume_or_refuse(out: str, resume: bool, modules: Dict[str, torch.nn.Module]
         return 0
     if ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {os.path.join(out, CKPT_DIR)}")
-    weights, opt_state, state = load_checkpoint(ckpt, list(modules), device)
+    weights, opt_state, state, ckpt = _load_intact(out, list(modules), device)
     for stem, module in modules.items():
         module.load_state_dict(weights[stem], strict=True)
     opt.load_state_dict(opt_state)
@@ -126,6 +130,33 @@ def resume_or_refuse(out: str, resume: bool, modules: Dict[str, torch.nn.Module]
     step = int(state["step"])
     log(f"resumed from {ckpt} at step {step}")
     return step
+
+
+def _load_intact(out: str, stems, device) -> tuple:
+    """The newest checkpoint of `out` that reads back whole -> (weights, optimizer state, state.json,
+    its path); a damaged newer one is skipped with one warning line on stderr. None readable: the
+    newest one's error."""
+    first = None
+    for ckpt in reversed(checkpoint_dirs(out)):
+        try:
+            loaded = load_checkpoint(ckpt, stems, device)
+        except CheckpointFileError as e:
+            first = first or e
+            continue
+        if first is not None:
+            print(f"warning: {first}; resuming from the older intact checkpoint {ckpt}", file=sys.stderr)
+        return (*loaded, ckpt)
+    raise first
+
+
+def _diverged(out: str, step: int, names, values: torch.Tensor, grad_norm: torch.Tensor) -> DDError:
+    """Training stops before a non-finite loss or gradient reaches the weights: the error names the
+    step, the values and the last checkpoint written (which, like metrics.jsonl, holds no NaN)."""
+    vals = ", ".join(f"{n} {v:.4g}" for n, v in zip(names, values.tolist())) + f", grad_norm {float(grad_norm):.4g}"
+    ckpt = latest_checkpoint(out)
+    keep = f"last good checkpoint: {ckpt}" if ckpt else "no checkpoint was written"
+    return DDError(f"step {step}: non-finite loss or gradient ({vals}); training stopped, {keep} "
+                   "(lower --lr or --grad-clip, then --resume or start again)")
 
 
 def wrap_ddp(model: torch.nn.Module, device: str, world: int) -> torch.nn.Module:
@@ -182,12 +213,14 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
                 (loss / cfg.grad_accum).backward()
                 step_sums += torch.stack([loss.detach().double()]
                                          + [parts[name].mean().double() for name in part_names]) / cfg.grad_accum
+            step_sums = mean_over_ranks(step_sums, world)       # every rank sees the same NaN
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not (bool(torch.isfinite(step_sums).all()) and bool(torch.isfinite(grad_norm))):
+                raise _diverged(out, step + 1, ["loss", *part_names], step_sums, grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             update_ema(ema, model, cfg.ema_decay)
             step += 1
-            step_sums = mean_over_ranks(step_sums, world)
             sums += step_sums
             n_log += 1
             if bar is not None:
@@ -205,6 +238,11 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
                 sums.zero_()
                 t_log, n_log = now, 0
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                bad = [n for n, p in list(model.named_parameters()) + list(ema.named_parameters())
+                       if not bool(torch.isfinite(p).all())]
+                if bad:     # a finite loss, yet an update overflowed: never checkpoint it
+                    raise DDError(f"step {step}: weights hold NaN/inf ({', '.join(bad[:3])}); training stopped, "
+                                  f"last good checkpoint: {latest_checkpoint(out)} (lower --lr)")
                 if rank == 0:
                     path = save_checkpoint(out, step, checkpoint_weights(), opt.state_dict(),
                                            dict(checkpoint_state, metrics=last), cfg.keep_checkpoints)

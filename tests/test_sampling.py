@@ -271,7 +271,7 @@ def test_cli_regen_batch_independent_and_range_error(tiny, tmp_path):
         r = sample("--run", tiny.run, "--out", tmp_path / "bad", "--regen", bad)
         assert r.exit_code != 0
         lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("Error: --regen"), r.stderr
+        assert len(lines) == 1 and lines[0].startswith("dd sample: error: --regen"), r.stderr
 
 
 def test_cli_baselines_and_compare(tiny, tmp_path):
