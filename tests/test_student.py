@@ -16,6 +16,7 @@ import torch
 from distilled_decoding.dataset_build import build_dataset
 from distilled_decoding.flowmap import FlowMapConfig, nearest_code
 from distilled_decoding.dd_loss import dd_loss
+from distilled_decoding.errors import DDError
 from distilled_decoding.samplers import dd_step
 from distilled_decoding.schedule import default_schedule, make_xt
 from distilled_decoding.student import DDStudent, StudentConfig, build_student
@@ -340,7 +341,7 @@ def test_resume_gives_identical_next_losses(tiny, tmp_path, family):
     # 20 steps of 8 over 128 pairs: the stream crosses an epoch boundary after step 16
     train(args_for(data, tmp_path / "a", max_steps=20, ckpt_every=100), log=lambda s: None)
     train(args_for(data, tmp_path / "b", max_steps=12, ckpt_every=6), log=lambda s: None)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(DDError, match="--out .*--resume"):      # a fresh run never writes into an old one
         train(args_for(data, tmp_path / "b", max_steps=20), log=lambda s: None)
     with pytest.raises(ValueError, match="batch_size"):
         train(args_for(data, tmp_path / "b", max_steps=20, batch_size=4, resume=True), log=lambda s: None)
