@@ -48,8 +48,8 @@ def copy(src, dst):
 
 
 def train_args(data, out, *more):
-    return ("train", "--data", data, "--out", out, "--max-steps", 2, "--batch-size", 4, "--ckpt-every", 1, "--log-every", 1,
-            "--num-workers", 0, "--device", "cpu", "--no-progress", *more)
+    return ("train", "--data", data, "--out", out, "--max-steps", 2, "--batch-size", 4, "--ckpt-every", 1,
+            "--log-every", 1, "--num-workers", 0, "--device", "cpu", "--no-progress", *more)
 
 
 def dead_pid() -> int:
@@ -120,8 +120,8 @@ def test_a_flipped_byte_is_named_by_train_and_rebuilt_by_build_dataset(ds, tmp_p
     assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
     r = ok(run_dd("build-dataset", "--out", bad, *BUILD, *teacher_args(spec)))
     assert shard_name(1) in r.stdout and "nothing to build" not in r.stdout
-    assert (bad / shard_name(1)).read_bytes() == good
-    assert tree_digest(bad) == tree_digest(data) or (bad / "manifest.json").exists()
+    shards = lambda d: {k: v for k, v in tree_digest(d).items() if k.startswith("shard-")}  # noqa: E731
+    assert shards(bad) == shards(data)
     assert ok(run_dd("dataset", "verify", bad)).stdout.strip().endswith("OK")
 
 
