@@ -62,14 +62,23 @@ def write_adm_npz(path: str, num: int, image_shape: tuple, image_batches: Iterab
     each, in order), arr_1 = labels (int64 [num]) when given."""
     remove_stale_tmp(path)
     tmp = tmp_path(path)
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        stream = NpyStream(zf, "arr_0", (num,) + tuple(image_shape), np.uint8)
-        for batch in image_batches:
-            stream.write(batch)
-        stream.close()
-        if labels is not None:
-            with zf.open(_member("arr_1.npy"), "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asarray(labels, np.int64), allow_pickle=False)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            stream = NpyStream(zf, "arr_0", (num,) + tuple(image_shape), np.uint8)
+            try:
+                for batch in image_batches:
+                    stream.write(batch)
+            except BaseException:
+                stream.f.close()   # else closing the zip raises over the error that stopped the images
+                raise
+            stream.close()
+            if labels is not None:
+                with zf.open(_member("arr_1.npy"), "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asarray(labels, np.int64), allow_pickle=False)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

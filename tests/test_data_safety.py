@@ -11,7 +11,9 @@ import sys
 import numpy as np
 import pytest
 
+from distilled_decoding import sample_store
 from distilled_decoding.adm_npz import write_adm_npz
+from distilled_decoding.images import save_png
 from distilled_decoding.shard_store import LOCK_FILE, shard_name
 from distilled_decoding.student import build_student
 from distilled_decoding.student_run import save_run
@@ -90,7 +92,7 @@ def test_train_into_an_existing_run_dir_needs_resume_or_overwrite(ds, tmp_path):
     assert (run / "student.safetensors").read_bytes() != b"weights of the earlier run"
 
 
-def test_sample_png_is_whole_and_never_stale_and_tmp_files_are_cleaned(ds, tmp_path):
+def test_sample_png_is_whole_and_never_stale_and_tmp_files_are_cleaned(ds, tmp_path, monkeypatch):
     _, data = ds
     out = tmp_path / "s"
     args = ("sample", "--data", data, "--baseline", "onestep", "--out", out, "--shard-size", 4, "--device", "cpu",
@@ -106,6 +108,22 @@ def test_sample_png_is_whole_and_never_stale_and_tmp_files_are_cleaned(ds, tmp_p
     assert sorted(os.listdir(out / "png")) == [f"{i:06d}.png" for i in range(8)]
     assert not [f for f in os.listdir(out) if ".tmp." in f]
     assert ok(run_dd("sample", "--out", out, "--verify")).stdout.strip().endswith("OK")
+    # a run that dies while writing the PNGs leaves no png/ that could pass for an image set
+    shutil.rmtree(out / "png")
+    written = []
+
+    def dies_after_two(array, path, atomic=True):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path)
+        save_png(array, path, atomic)
+
+    monkeypatch.setattr(sample_store, "save_png", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        sample_store.assemble_outputs(str(out), sample_store.sample_store(str(out)).read_manifest(), png=True)
+    assert not (out / "png").exists() and len(written) == 2 and ".tmp." in written[0]
+    assert not (out / f"samples.npz.tmp.{os.getpid()}").exists()
+    monkeypatch.undo()
 
 
 # ---- 2. shard hashes and manifest settings -------------------------------------------------------------
