@@ -10,7 +10,7 @@ from typing import List, Optional
 import click
 import torch
 
-from .distributed import default_device
+from .distributed import default_device, device_option_check
 from .adm_npz import npz_members
 from .errors import DDError
 from .fileio import atomic_write, check_outputs
@@ -39,7 +39,7 @@ def _fmt(v: Optional[float], std: Optional[float] = None) -> str:
               help=f"pytorch-fid Inception weights ({INCEPTION_FILE}); used by default when found in the "
               "torch hub cache.")
 @click.option("--batch-size", default=50, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="auto", show_default=True, help="auto = cuda when available, else cpu.")
+@click.option("--device", default="auto", callback=device_option_check, show_default=True, help="auto = cuda when available, else cpu.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results as JSON.")
 @click.option("--k", "k", default=3, show_default=True, type=click.IntRange(min=1),
               help="Neighbourhood size of precision/recall.")

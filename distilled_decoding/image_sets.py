@@ -154,4 +154,7 @@ def load_stats(path: Union[str, os.PathLike]) -> dict:
                              "[D] and [D, D]")
     if out["features"] is not None and (out["features"].ndim != 2 or out["features"].shape[1] != d[0]):
         raise EvalInputError(f"{path}: 'features' {out['features'].shape} do not match 'mu' {d}")
+    bad = [k for k in ("mu", "sigma", "features") if out[k] is not None and not np.isfinite(out[k]).all()]
+    if bad:
+        raise EvalInputError(f"{path}: {', '.join(repr(k) for k in bad)} hold NaN/inf (a broken statistics file)")
     return out

@@ -103,12 +103,26 @@ def save_checkpoint(out: str, step: int, weights: Dict[str, Tuple[dict, dict]], 
 
 
 def load_checkpoint(path: str, stems, device) -> Tuple[Dict[str, dict], dict, dict]:
-    """-> ({stem: state dict on `device`}, optimizer state dict, state.json)."""
-    from safetensors.torch import load_file
-    weights = {s: load_file(os.path.join(path, f"{s}.safetensors"), device=str(device)) for s in stems}
-    opt = torch.load(os.path.join(path, OPTIMIZER_FILE), map_location=device, weights_only=True)["optimizer"]
-    with open(os.path.join(path, STATE_FILE)) as f:
-        return weights, opt, json.load(f)
+    """-> ({stem: state dict on `device`}, optimizer state dict, state.json). A file that does not
+    read back whole (truncated, corrupt) raises CheckpointFileError naming it."""
+    from teachers.checkpoint import CheckpointFileError, check_finite, load_safetensors
+    weights = {}
+    for s in stems:
+        file = os.path.join(path, f"{s}.safetensors")
+        weights[s] = load_safetensors(file, device)
+        check_finite(weights[s], file)
+
+    def read(file, reader):
+        try:
+            return reader(file)
+        except Exception as e:  # noqa: BLE001 - any unreadable file of the checkpoint is named
+            raise CheckpointFileError(f"{file}: not readable ({e.__class__.__name__}: "
+                                      f"{(str(e).splitlines() or [''])[0]})") from e
+
+    opt = read(os.path.join(path, OPTIMIZER_FILE),
+               lambda f: torch.load(f, map_location=device, weights_only=True)["optimizer"])
+    state = read(os.path.join(path, STATE_FILE), lambda f: json.loads(open(f).read()))
+    return weights, opt, state
 
 
 def publish(out: str, ckpt: str, files: Dict[str, str]) -> None:

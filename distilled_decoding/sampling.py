@@ -16,7 +16,7 @@ import torch
 
 from teachers.base import SamplingConfig, Teacher
 
-from .distributed import dist_info, finish_distributed, init_distributed
+from .distributed import device_option_check, dist_info, finish_distributed, init_distributed
 from .images import labelled_rows, save_png, to_uint8
 from .pairs import generate_pairs
 from .sample_store import build_samples, sample_settings, verify_samples
@@ -162,13 +162,13 @@ def _fail(msg) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the per-sample noise, labels and draws.")
 @click.option("--labels", "labels", default="balanced", show_default=True,
               help="balanced | uniform (as `dd build-dataset`) | comma-separated class ids (cycled).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... Default: cuda when available.")
+@click.option("--device", default=None, callback=device_option_check, help="cpu, cuda, cuda:1 ... Default: cuda when available.")
 @click.option("--png", is_flag=True, default=False, help="Also write one PNG per sample into OUT/png.")
 @click.option("--grid-max", type=click.IntRange(min=1), default=64, show_default=True, help="Images in grid.png.")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the run's EMA weights.")
 @click.option("--warmup", is_flag=True, default=False, help="Run one untimed batch first (timing only).")
 @click.option("--cfg-scale", "cfg_scale", type=float, default=None, help="Teacher CFG scale (teacher parts).")
-@click.option("--temperature", type=float, default=None, help="Teacher temperature (teacher parts).")
+@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=None, help="Teacher temperature (teacher parts).")
 @click.option("--top-k", "top_k", type=int, default=None, help="Teacher top-k (teacher parts).")
 @click.option("--top-p", "top_p", type=float, default=None, help="Teacher top-p (teacher parts).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True,

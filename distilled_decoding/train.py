@@ -39,18 +39,18 @@ from torch.utils.data import Dataset
 
 from .dataset import PairDataset
 from .dd_loss import dd_loss, make_emb_loss
-from .distributed import barrier, finish_distributed, init_distributed
+from .distributed import barrier, device_option_check, finish_distributed, init_distributed
 from .fileio import file_sha256, save_state_dict
 from .errors import DDError
 from .pairs import teacher_differences
 from .run_dir import claim_run_dir, publish
 from .seeding import sample_timestep
 from .student import DDStudent, build_student
-from .student_run import CODEBOOK_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE, write_run_config
+from .student_run import CODEBOOK_FILE, CONFIG_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE, read_run_config, write_run_config
 from .trainer import LoopConfig, micro_batch_size, resolve_precision, resume_or_refuse, train_loop, update_ema
 
 # Arguments that define the stream of batches, timesteps and updates: a resume must keep them.
-STREAM_ARGS = ("batch_size", "grad_accum", "seed", "timesteps", "lambda_ce", "lambda_emb", "emb_loss",
+STREAM_ARGS = ("batch_size", "grad_accum", "seed", "timesteps", "split", "lambda_ce", "lambda_emb", "emb_loss",
                "lpips_net", "lr", "weight_decay", "ema_decay", "grad_clip", "precision")
 
 
@@ -149,6 +149,11 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
                          f"[{teacher.num_tokens}, {teacher.embed_dim}]")
 
     # -- student, EMA, optimizer --
+    if args.resume and os.path.exists(os.path.join(out, CONFIG_FILE)):
+        # a resume keeps the run's schedule unless one is given (then it must match: resume_or_refuse)
+        saved = read_run_config(out)
+        args = dataclasses.replace(args, timesteps=args.timesteps or tuple(saved["timesteps"]),
+                                   split=saved["split"] if args.split is None else args.split)
     student = build_student(teacher, args.timesteps, args.split, seed=args.seed, **args.student_options)
     cfg = student.config
     student.train()
@@ -158,7 +163,7 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
 
     # -- resume --
     manifest_sha = file_sha256(os.path.join(args.data, "manifest.json"))
-    now = dict(args.to_dict(), timesteps=list(cfg.timesteps), precision=precision)
+    now = dict(args.to_dict(), timesteps=list(cfg.timesteps), split=cfg.split, precision=precision)
     stream = {k: now[k] for k in STREAM_ARGS}
     stream["data (manifest.json sha256)"] = manifest_sha
 
@@ -243,7 +248,7 @@ def _parse_timesteps(ctx, param, value):
 @click.option("--timesteps", default=None, callback=_parse_timesteps,
               help="Training timesteps, paper notation (1 = pure noise), e.g. 1,81. "
                    "Default: LlamaGen 1,81; VAR 1,6 (d20/d24 1,5); scaled for teachers with other step counts.")
-@click.option("--split", type=int, default=None,
+@click.option("--split", type=click.IntRange(min=1), default=None,
               help="AR steps < split use the logits head when sampling (recorded in the run). "
                    "Default: LlamaGen-B 80, -L 130; VAR 5 (d20/d24 4); scaled likewise.")
 @click.option("--lambda-ce", default=0.1, show_default=True, type=float, help="Weight of the cross-entropy loss.")
@@ -255,7 +260,7 @@ def _parse_timesteps(ctx, param, value):
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Gradient accumulation steps.")
 @click.option("--lr", default=1e-4, show_default=True, type=float)
 @click.option("--weight-decay", default=0.0, show_default=True, type=float)
-@click.option("--ema-decay", default=0.9999, show_default=True, type=float)
+@click.option("--ema-decay", default=0.9999, show_default=True, type=click.FloatRange(0.0, 1.0))
 @click.option("--grad-clip", default=1.0, show_default=True, type=float)
 @click.option("--max-steps", default=100_000, show_default=True, type=click.IntRange(min=1))
 @click.option("--ckpt-every", default=1000, show_default=True, type=click.IntRange(min=1))
@@ -265,7 +270,7 @@ def _parse_timesteps(ctx, param, value):
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
               help="bf16 autocast or fp32. Default: bf16 on CUDA with bf16 support, else fp32.")
-@click.option("--device", default=None, help="cpu, cuda ... Default: cuda when available.")
+@click.option("--device", default=None, callback=device_option_check, help="cpu, cuda ... Default: cuda when available.")
 @click.option("--resume", is_flag=True, default=False, help="Continue from the latest checkpoint in --out.")
 @click.option("--overwrite", is_flag=True, default=False,
               help="Replace the run already in --out (without it, a non-empty --out is refused).")

@@ -202,6 +202,12 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
     t_log, n_log = time.perf_counter(), 0
     n_parts = 1 + len(part_names)
     sums = torch.zeros(n_parts, device=device, dtype=torch.float64)      # loss and parts over the log window
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if dev_type == "cpu":
+        # The CPU embedding backward accumulates rows across threads in a racy order: with more than
+        # one thread two identical runs differ by ~1e-7 from the first update. Its deterministic
+        # kernel makes CPU runs bit-identical for a given thread count (docs/train.md).
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         while step < cfg.max_steps:
             step_sums = torch.zeros(n_parts, device=device, dtype=torch.float64)
@@ -249,6 +255,7 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
                     on_checkpoint(path, step)
                 barrier(world)
     finally:
+        torch.use_deterministic_algorithms(deterministic)
         if bar is not None:
             bar.close()
     return last
