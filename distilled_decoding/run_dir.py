@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .errors import DDError
-from .fileio import atomic_json, link_or_copy, save_state_dict
+from .fileio import atomic_json, link_or_copy, pid_alive, save_state_dict
 
 CONFIG_FILE = "config.json"
 CKPT_DIR = "checkpoints"
@@ -86,6 +86,10 @@ def save_checkpoint(out: str, step: int, weights: Dict[str, Tuple[dict, dict]], 
     final = os.path.join(root, f"step-{step:08d}")
     tmp = os.path.join(root, f".tmp-step-{step:08d}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    for stale in glob.glob(os.path.join(root, ".tmp-step-*-*")):     # left by killed runs
+        pid = stale.rsplit("-", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(tmp)
     for stem, (sd, meta) in weights.items():
         save_state_dict(os.path.join(tmp, f"{stem}.safetensors"), sd, meta)

@@ -164,7 +164,7 @@ _TEACHER_OPTIONS = [
 
 def check_teacher_options(spec: TeacherSpec) -> None:
     """Refuse, naming the option, what would otherwise fail deep in the loader or be silently
-    ignored: an unknown teacher, a preset of another family, files or configs given to a zoo teacher
+    ignored: an unknown teacher, a config of another family (preset or keys), files or configs given to a zoo teacher
     (whose weights and config are fixed; they would be ignored yet recorded in the manifest)."""
     from teachers import FAMILIES, family_module, zoo_names
     if spec.teacher not in FAMILIES:
@@ -179,10 +179,10 @@ def check_teacher_options(spec: TeacherSpec) -> None:
                                      f"drop {', '.join(given)} (or use its family with them)",
                                      param_hint=f"'{given[0]}'")
         return
-    presets = getattr(family_module(spec.teacher), "PRESETS", {})
-    if isinstance(spec.config, str) and presets and spec.config not in presets:
-        raise click.BadParameter(f"{spec.config!r} is not a {spec.teacher} preset; choose from {sorted(presets)}",
-                                 param_hint="'--config'")
+    try:
+        family_module(spec.teacher).as_config(spec.config)
+    except (ValueError, TypeError) as e:
+        raise click.BadParameter(f"not a {spec.teacher} config: {e}", param_hint="'--config'") from e
 
 
 def teacher_options(f):

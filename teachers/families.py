@@ -2,7 +2,8 @@
 `load_teacher` and the zoo (whose teachers are built by their family's `load`) use it without
 importing each other.
 
-Each family module exposes `PRESETS` (named configs, the CLI's choices) and
+Each family module exposes `PRESETS` (named configs, the CLI's choices), `as_config(config)` (a preset
+name or dict -> the transformer's config; ValueError naming an unknown preset or key) and
 `load(config, checkpoint, tokenizer_config, tokenizer_checkpoint, device, dtype, **options)`.
 """
 from __future__ import annotations

@@ -151,6 +151,9 @@ def as_gpt_config(config: Union[str, dict, GPTConfig, None], image_size: Optiona
     return cfg
 
 
+as_config = as_gpt_config   # the family interface name (teachers/families.py)
+
+
 # ---- 2-D rotary embedding ----------------------------------------------------------------------
 def rope_table_2d(grid_size: int, head_dim: int, base: float = 10000, cls_token_num: int = 1,
                   device: Optional[torch.device] = None) -> torch.Tensor:

@@ -132,6 +132,9 @@ def as_var_config(config: Union[str, dict, VARConfig, None]) -> VARConfig:
     raise TypeError(f"VAR config must be a preset name, dict or VARConfig, not {type(config).__name__}")
 
 
+as_config = as_var_config   # the family interface name (teachers/families.py)
+
+
 def as_vae_config(config: Union[str, dict, VQVAEConfig, None], var_cfg: VARConfig) -> VQVAEConfig:
     """The VQ-VAE config; None = `vae_ch160v4096z32` with the VAR's V, Cvae and patch_nums."""
     if config is None:

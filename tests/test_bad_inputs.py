@@ -91,6 +91,7 @@ def test_teacher_with_nan_weights_is_named_not_all_zero_probs(tmp_path):
 @pytest.mark.parametrize("args, names", [
     (("--teacher", "nosuch"), "'--teacher'"),
     (("--teacher", "var", "--config", "GPT-B"), "'--config'"),                 # a LlamaGen preset for VAR
+    (("--teacher", "var", "--config", '{"dim": 32, "n_layer": 2}'), "'--config'"),   # LlamaGen keys
     (("--teacher", "digits-var", "--device", "foo"), "'--device'"),
     (("--teacher", "digits-var", "--device", "cuda"), "'--device'"),
     (("--teacher", "digits-var", "--temperature", "-1"), "'--temperature'"),
@@ -128,11 +129,14 @@ def test_truncated_optimizer_falls_back_to_the_older_checkpoint(made, tmp_path):
     r2 = _copy_run(run, tmp_path / "R")
     opt = r2 / "checkpoints" / "step-00000004" / "optimizer.pt"
     opt.write_bytes(opt.read_bytes()[:100])
+    stale = r2 / "checkpoints" / ".tmp-step-00000006-999999999"     # a killed run's half checkpoint
+    stale.mkdir()
     r = run_dd("train", "--data", made[0], "--out", r2, *TRAIN, "--resume")
     assert r.returncode == 0, r.stderr
     warn = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(warn) == 1 and str(opt) in warn[0] and "step-00000002" in warn[0], r.stderr
     assert "resumed from" in r.stdout and "step-00000002 at step 2" in r.stdout
+    assert not stale.exists()
     # both checkpoints damaged: refused, naming the newest file
     opt2 = r2 / "checkpoints" / "step-00000004" / "optimizer.pt"
     for ck in (r2 / "checkpoints").iterdir():
