@@ -76,6 +76,9 @@ class DDGroup(click.Group):
             click.echo(f"dd {verb}: aborted", err=True)
             sys.exit(1)
         except click.ClickException as e:
+            if e.__class__.__name__ == "NoArgsIsHelpError":     # `dd`, `dd dataset`: the help, as click shows it
+                e.show()
+                sys.exit(e.exit_code)
             if os.environ.get("DD_DEBUG") and e.__cause__ is not None:
                 raise e.__cause__
             name = "dd" if verb == "dd" else f"dd {verb}"

@@ -3,6 +3,7 @@ statistics), on any feature extractor (`extractors.py`, metrics in `metrics.py`)
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from typing import List, Optional
@@ -116,6 +117,13 @@ def _resolve_extractor(extractor: Optional[str], inception_path: Optional[str], 
     return get_extractor(extractor, device)
 
 
+def _check_finite(feats, logits, source, ext: FeatureExtractor) -> None:
+    """NaN/inf features would make every number NaN (FID nan, exit 0): refuse them, naming the source."""
+    for what, x in (("features", feats), ("logits", logits)):
+        if x is not None and not bool(torch.isfinite(torch.as_tensor(x)).all()):
+            raise EvalInputError(f"{source}: extractor {ext.name!r} gave NaN/inf {what} (are its weights finite?)")
+
+
 def run_eval(samples: str, ref: Optional[str] = None, ref_stats_out: Optional[str] = None,
              extractor: Optional[str] = None, inception_path: Optional[str] = None, batch_size: int = 50,
              device: str = "auto", k: int = 3, splits: int = 10, limit: Optional[int] = None,
@@ -146,6 +154,7 @@ def run_eval(samples: str, ref: Optional[str] = None, ref_stats_out: Optional[st
               "precision": None, "recall": None, "k": k, "splits": splits, "ref_stats_out": None}
 
     fake, logits = extract_features(ext, sample_src, batch_size, want_logits=True, desc="samples")
+    _check_finite(fake, logits, samples, ext)
     if logits is None:
         notes.append(f"extractor {ext.name!r} gives no logits: no Inception Score")
     else:
@@ -164,6 +173,7 @@ def run_eval(samples: str, ref: Optional[str] = None, ref_stats_out: Optional[st
     else:
         if isinstance(ref_src, ImageSet):
             real, _ = extract_features(ext, ref_src, batch_size, want_logits=False, desc="reference")
+            _check_finite(real, None, ref, ext)
             result["num_ref"] = len(real)
             mu_r, sigma_r = feature_stats(real)
             if ref_stats_out:
@@ -180,6 +190,8 @@ def run_eval(samples: str, ref: Optional[str] = None, ref_stats_out: Optional[st
                              f"it with `dd eval REF_IMAGES --ref-stats OUT` (features are kept by default)")
         mu_f, sigma_f = feature_stats(fake)
         result["fid"] = frechet_distance(mu_f, sigma_f, mu_r, sigma_r)
+        if not math.isfinite(result["fid"]):
+            raise EvalInputError(f"FID of {samples} against {ref} is {result['fid']}: not a number to report")
         if real is not None:
             if min(len(real), len(fake)) <= k:
                 notes.append(f"precision/recall need more than k={k} images per set")

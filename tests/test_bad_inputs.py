@@ -62,6 +62,13 @@ def test_unreadable_teacher_checkpoints_are_named(tmp_path, kind):
                    names=str(path), watch=[tmp_path])
 
 
+def test_dd_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "ck.pt").write_bytes(b"")
+    r = run_dd("build-dataset", "--out", tmp_path / "D", "--num-samples", 8, "--teacher", "var", "--checkpoint",
+               tmp_path / "ck.pt", "--device", "cpu", env={"DD_DEBUG": "1"})
+    assert r.returncode != 0 and "Traceback" in r.stderr and "CheckpointFileError" in r.stderr, r.stderr
+
+
 def test_teacher_checkpoint_of_another_model_names_file_and_keys(tmp_path):
     spec, _ = saved_teacher("llamagen", tmp_path)
     line = assert_refused("build-dataset", "--out", tmp_path / "D", "--num-samples", 8, "--teacher", "var",
@@ -187,6 +194,21 @@ def test_reference_statistics_with_nan_are_refused(tmp_path):
     np.savez(tmp_path / "ref.npz", mu=np.full(128, np.nan), sigma=np.eye(128))
     assert_refused("eval", tmp_path / "x.npz", "--ref", tmp_path / "ref.npz", "--extractor", "digits",
                    "--device", "cpu", names=str(tmp_path / "ref.npz"), watch=[tmp_path])
+
+
+def test_nan_features_are_an_error_not_fid_nan(tmp_path):
+    """An extractor that yields NaN (broken weights) stops dd eval instead of reporting FID nan."""
+    from distilled_decoding.evaluate import run_eval
+    from distilled_decoding.extractors import ModuleExtractor
+    from distilled_decoding.image_sets import EvalInputError
+
+    class NaNFeatures(torch.nn.Module):
+        def forward(self, images):
+            return torch.full((images.shape[0], 4), float("nan"))
+    np.savez(tmp_path / "x.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(EvalInputError, match="x.npz: extractor 'nan' gave NaN/inf features"):
+        run_eval(str(tmp_path / "x.npz"), ref=str(tmp_path / "x.npz"), extractor=ModuleExtractor(NaNFeatures(), "nan"),
+                 device="cpu")
 
 
 # ---- 3. argument validation --------------------------------------------------------------------------
