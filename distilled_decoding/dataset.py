@@ -32,7 +32,10 @@ class PairDataset(Dataset):
         shards = self.manifest["shards"]
         store = pair_store(self.root)
         for e in shards:
-            store.check_shard(e, self.settings, verify_hash=verify)
+            try:
+                store.check_shard(e, self.settings, verify_hash=verify)
+            except DatasetError as err:
+                raise DatasetError(f"{self.root}: {err}") from err   # which data set, for `dd train`
         if not self.settings["store_noise"]:
             fp = noise_fingerprint(self.settings["seed"], self.settings["num_tokens"], self.settings["embed_dim"])
             if fp != self.settings["noise_fingerprint"]:
