@@ -23,7 +23,7 @@ TRAIN = ("--max-steps", 4, "--batch-size", 8, "--ckpt-every", 2, "--log-every", 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """(data set dir, run dir, scratch dir): 64 digits-var pairs, a 4-step run with checkpoints at 2 and 4."""
+    """(data set dir, run dir): 64 digits-var pairs, a 4-step run with checkpoints at 2 and 4."""
     root = tmp_path_factory.mktemp("bad")
     data, run = root / "VA", root / "R1"
     r = run_dd("build-dataset", "--out", data, "--num-samples", 64, "--shard-size", 32, "--batch-size", 32,
@@ -31,7 +31,7 @@ def made(tmp_path_factory):
     assert r.returncode == 0, r.stderr
     r = run_dd("train", "--data", data, "--out", run, *TRAIN)
     assert r.returncode == 0, r.stderr
-    return data, run, root
+    return data, run
 
 
 def _copy_run(run, dst):
@@ -40,23 +40,25 @@ def _copy_run(run, dst):
 
 
 # ---- 1. one line instead of a traceback ---------------------------------------------------------
-def test_train_on_a_folder_that_is_no_data_set(made, tmp_path):
-    data, _, _ = made
+def test_train_on_a_folder_that_is_no_data_set(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_refused("train", "--data", tmp_path / "empty", "--out", tmp_path / "R", *TRAIN,
                    names=str(tmp_path / "empty"), watch=[tmp_path / "empty"])
 
 
-@pytest.mark.parametrize("kind", ["text", "empty", "truncated"])
+@pytest.mark.parametrize("kind", ["text", "empty", "truncated.pt", "truncated.safetensors"])
 def test_unreadable_teacher_checkpoints_are_named(tmp_path, kind):
-    path = tmp_path / ("ck.safetensors" if kind == "truncated" else "ck.pt")
+    path = tmp_path / ("ck.safetensors" if kind == "truncated.safetensors" else "ck.pt")
     if kind == "text":
         path.write_text("hello, not a checkpoint\n")
     elif kind == "empty":
         path.write_bytes(b"")
     else:
-        save_file({"w": torch.ones(64)}, str(path))
-        path.write_bytes(path.read_bytes()[:40])
+        if kind == "truncated.pt":
+            torch.save({"model": {"w": torch.ones(1000)}}, path)
+        else:
+            save_file({"w": torch.ones(64)}, str(path))
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
     assert_refused("build-dataset", "--out", tmp_path / "D", "--num-samples", 8, "--teacher", "var",
                    "--config", json.dumps(TINY["var"][0]), "--checkpoint", path, "--device", "cpu",
                    names=str(path), watch=[tmp_path])
@@ -113,7 +115,7 @@ def test_bad_teacher_options(tmp_path, args, names):
 
 
 def test_damaged_student_files_are_named(made, tmp_path):
-    _, run, _ = made
+    _, run = made
     trunc = _copy_run(run, tmp_path / "trunc")
     f = trunc / "student.safetensors"
     data = f.read_bytes()
@@ -132,7 +134,7 @@ def test_damaged_student_files_are_named(made, tmp_path):
 
 
 def test_truncated_optimizer_falls_back_to_the_older_checkpoint(made, tmp_path):
-    _, run, _ = made
+    _, run = made
     r2 = _copy_run(run, tmp_path / "R")
     opt = r2 / "checkpoints" / "step-00000004" / "optimizer.pt"
     opt.write_bytes(opt.read_bytes()[:100])
@@ -151,7 +153,7 @@ def test_truncated_optimizer_falls_back_to_the_older_checkpoint(made, tmp_path):
     assert_refused("train", "--data", made[0], "--out", r2, *TRAIN, "--resume", names=str(opt2), watch=[r2])
 
 
-def test_bad_inception_file_names_no_missing_option(made, tmp_path):
+def test_bad_inception_file_names_no_missing_option(tmp_path):
     np.savez(tmp_path / "x.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     (tmp_path / "inc.pth").write_text("not weights")
     line = assert_refused("eval", tmp_path / "x.npz", "--inception", tmp_path / "inc.pth", "--device", "cpu",
@@ -161,7 +163,7 @@ def test_bad_inception_file_names_no_missing_option(made, tmp_path):
 
 # ---- 2. NaN / inf -----------------------------------------------------------------------------------
 def test_diverging_training_stops_naming_the_step(made, tmp_path):
-    data, _, _ = made
+    data, _ = made
     out = tmp_path / "R"
     line = assert_refused("train", "--data", data, "--out", out, *TRAIN, "--ckpt-every", 1, "--lr", "1e4",
                           names="step ", watch=[data])
@@ -176,7 +178,7 @@ def test_diverging_training_stops_naming_the_step(made, tmp_path):
 
 
 def test_student_with_nan_weights_is_refused(made, tmp_path):
-    _, run, _ = made
+    _, run = made
     bad = _copy_run(run, tmp_path / "nan")
     f = bad / "student.safetensors"
     state = load_file(str(f))
@@ -219,14 +221,14 @@ def test_nan_features_are_an_error_not_fid_nan(tmp_path):
     (("--device", "foo"), "'--device'"),
 ])
 def test_bad_train_options(made, tmp_path, args, names):
-    data, _, _ = made
+    data, _ = made
     assert_refused("train", "--data", data, "--out", tmp_path / "R", *TRAIN, *args, names=names,
                    watch=[data, tmp_path])
     assert not (tmp_path / "R").exists()
 
 
 def test_resume_refuses_other_settings_and_keeps_the_run(made, tmp_path):
-    data, run, _ = made
+    data, run = made
     r2 = _copy_run(run, tmp_path / "R")
     split = json.loads((r2 / "config.json").read_text())["split"]
     assert_refused("train", "--data", data, "--out", r2, *TRAIN, "--resume", "--split", split - 1,
