@@ -21,6 +21,7 @@ Run directory (`--out`):
     config.json, student.safetensors, student_raw.safetensors, codebook.safetensors   (student.save_run)
     checkpoints/step-XXXXXXXX/{model,ema}.safetensors, optimizer.pt, state.json    (every --ckpt-every)
     metrics.jsonl                                                                  (every --log-every)
+    curves.png     loss terms vs step (plots.update_curves: every 10 log lines, at checkpoints)
 
 student.safetensors / student_raw.safetensors are hard links to the latest checkpoint's ema / model
 files (copies where links are impossible).
@@ -44,6 +45,7 @@ import click
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from . import plots
 from .dataset import PairDataset
 from .student import (DDStudent, build_student, dd_loss, link_or_copy, mse_emb_loss, save_state_dict,
                       write_run_config, CODEBOOK_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE)
@@ -435,6 +437,7 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
                 if rank == 0:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
+                    plots.update_curves(out, metrics_path, step, args.log_every, args.ckpt_every, args.max_steps, log)
                 sums.zero_()
                 t_log, n_log = now, 0
             if step % args.ckpt_every == 0 or step == args.max_steps:
