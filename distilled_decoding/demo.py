@@ -155,7 +155,11 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
     notes = [f"Real-vs-real floor of the FID vs real column: {size.num_samples} training digits vs the "
              f"{real.shape[0]} held-out ones score {floor_real:.2f} on the same features. Floor row: the "
              f"teacher at seeds {','.join(map(str, seeds))} against its reference draw at seed {ref_seed}; "
-             f"precision/recall are against that reference (k = 3)."]
+             f"precision/recall are against that reference (k = 3).",
+             f"skip-{n_skip}: the teacher's first {S - n_skip} steps; the tokens of the {n_skip} skipped steps are "
+             "drawn independently from the last computed step's prediction, so the step count is the paper's "
+             "(LlamaGen skip-106 = 150 steps, VAR skip-1 = 9): the only per-position distributions a "
+             "next-token model gives without another model call (sampling.py, `--skip-fill`)."]
     table = quality.format_table(rows, title, notes)
     plots_out = {"tradeoff": plots.tradeoff_plot(rows, os.path.join(out, "tradeoff.png"), f"{name}: quality vs speed"),
                  "curves": plots.curves_plot(os.path.join(run, "metrics.jsonl"), os.path.join(out, "curves.png"),

@@ -22,6 +22,18 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, axes, title: str, path: str) -> str:
+    """Grid on every panel, the title on the first, save as PNG and free the figure -> path."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if title:
+        axes[0].set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def tradeoff_plot(rows: List[dict], path: str, title: str = "") -> str:
     """rows: `quality.table_rows` output. Two panels against ms / image (log x): g (top: 0 = the
     teacher, 1 = onestep*) and FID vs teacher (bottom, with the floor as a dashed line). Error bars:
@@ -52,14 +64,7 @@ def tradeoff_plot(rows: List[dict], path: str, title: str = "") -> str:
     ax_f.set_yscale("symlog", linthresh=10)
     ax_f.set_xscale("log")
     ax_f.set_xlabel("ms / image (model time, CPU)")
-    for ax in (ax_g, ax_f):
-        ax.grid(alpha=0.3)
-    if title:
-        ax_g.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, (ax_g, ax_f), title, path)
 
 
 def read_metrics(path: str) -> List[dict]:
@@ -88,14 +93,8 @@ def curves_plot(metrics_path: str, path: str, title: str = "") -> str:
     ax.set_xlabel("training step")
     ax.set_ylabel("loss (mean over the log window)")
     ax.set_yscale("log")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, (ax,), title, path)
 
 
 _warned: set = set()
