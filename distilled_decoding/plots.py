@@ -36,35 +36,40 @@ def _finish(plt, fig, axes, title: str, path: str) -> str:
 
 def tradeoff_plot(rows: List[dict], path: str, title: str = "") -> str:
     """rows: `quality.table_rows` output. Two panels against ms / image (log x): g (top: 0 = the
-    teacher, 1 = onestep*) and FID vs teacher (bottom, with the floor as a dashed line). Error bars:
-    the spread over sampling seeds. -> path."""
+    teacher, 1 = onestep*; values above G_TOP are drawn at the top edge with their value) and FID vs
+    teacher (bottom, log y, the floor as a dashed line). Error bars: the spread over sampling seeds.
+    One colour per method, named in the legend. -> path."""
     import math
 
     plt = _pyplot()
-    fig, (ax_g, ax_f) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)
-    floor = next((r for r in rows if r["key"] == "floor"), None)
-    for r in rows:
-        if r["key"] == "teacher":
-            continue
+    fig, (ax_g, ax_f) = plt.subplots(2, 1, figsize=(9.0, 6.4), sharex=True)
+    for i, r in enumerate(x for x in rows if x["key"] != "teacher"):
         ms = 1e3 * r["mean"]["s_per_image"]
+        colour = f"C{i}"
         label = f"{r['method']} ({r['steps']} steps)"
         if not math.isnan(r["g"]):
-            ax_g.scatter([ms], [r["g"]], s=30)
-            ax_g.annotate(label, (ms, r["g"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        ax_f.errorbar([ms], [r["mean"]["fid_teacher"]], yerr=[r["spread"]["fid_teacher"]], fmt="o", ms=5, capsize=3)
-        ax_f.annotate(label, (ms, r["mean"]["fid_teacher"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            shown = min(r["g"], G_TOP)
+            ax_g.scatter([ms], [shown], s=36, color=colour, marker="^" if r["g"] > G_TOP else "o")
+            if r["g"] > G_TOP:
+                ax_g.annotate(f"g = {r['g']:.1f}", (ms, shown), fontsize=7, xytext=(5, -10), textcoords="offset points")
+        ax_f.errorbar([ms], [r["mean"]["fid_teacher"]], yerr=[r["spread"]["fid_teacher"]], fmt="o", ms=6,
+                      capsize=3, color=colour, label=label)
+    floor = next((r for r in rows if r["key"] == "floor"), None)
     if floor is not None:
-        ax_f.axhline(floor["mean"]["fid_teacher"], ls="--", lw=1, color="grey")
-        ax_f.text(ax_f.get_xlim()[0], floor["mean"]["fid_teacher"], " floor (teacher vs teacher)", fontsize=7,
-                  va="bottom", color="grey")
+        ax_f.axhline(floor["mean"]["fid_teacher"], ls="--", lw=1, color="grey", label="floor (teacher vs teacher)")
     ax_g.axhline(0, ls="--", lw=1, color="grey")
     ax_g.axhline(1, ls=":", lw=1, color="grey")
-    ax_g.set_ylabel("normalised gap g  (0 = teacher, 1 = onestep*)")
-    ax_f.set_ylabel("FID vs teacher (mean ± sd over seeds)")
-    ax_f.set_yscale("symlog", linthresh=10)
+    ax_g.set_ylim(-0.1, G_TOP + 0.1)
+    ax_g.set_ylabel("normalised gap g\n(0 = teacher, 1 = onestep*)")
+    ax_f.set_ylabel("FID vs teacher\n(mean ± sd over seeds)")
+    ax_f.set_yscale("log")
     ax_f.set_xscale("log")
-    ax_f.set_xlabel("ms / image (model time, CPU)")
+    ax_f.set_xlabel("ms / image (model time)")
+    ax_f.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 1.05), frameon=False)
     return _finish(plt, fig, (ax_g, ax_f), title, path)
+
+
+G_TOP = 1.5   # the g panel's upper edge
 
 
 def read_metrics(path: str) -> List[dict]:
@@ -86,7 +91,7 @@ def curves_plot(metrics_path: str, path: str, title: str = "") -> str:
     recs = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     steps = [r["step"] for r in recs]
-    for key, label in (("loss", "total loss"), ("ce", "CE (logits head)"), ("emb", "embedding loss")):
+    for key, label in (("loss", "total (λ-weighted)"), ("ce", "CE (logits head)"), ("emb", "embedding loss")):
         ys = [r.get(key, 0.0) for r in recs]
         if any(y > 0 for y in ys):
             ax.plot(steps, ys, label=label, lw=1.2)
