@@ -53,7 +53,7 @@ def main() -> None:
                       f"`{os.path.basename(pics['curves'])}` (training curves).")
     cmd = "python tools/run_table.py " + " ".join(sys.argv[1:])
     header = (f"# Distilled Decoding on the digits teachers\n\nMade by `{cmd.strip()}` on "
-              f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads, "
+              f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} thread(s), "
               f"torch {torch.__version__}, device {args.device}). ms / image is the model time per image "
               "(no VQ decoding) at the sampling batch size; speed-up is relative to the teacher row. "
               "g = (FID vs teacher − floor) / (FID vs teacher of onestep* − floor), from the printed means: "
