@@ -62,7 +62,7 @@ from torch.utils.data import Dataset
 from teachers.base import SamplingConfig, Teacher
 
 from .dpm_solver import SPACINGS, VARIANTS
-from .flowmap import FlowMapConfig, flow_map
+from .flowmap import GRID_SCALES, LEGACY, FlowMapConfig, codebook_warning, flow_map
 from .teacher_spec import TeacherSpec, resolve_sampling, teacher_options
 
 FORMAT = "dd-pairs"
@@ -229,6 +229,9 @@ def read_manifest(root: str) -> dict:
     if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
         raise DatasetError(f"{path}: format {m.get('format')!r} v{m.get('format_version')}, "
                            f"this code reads {FORMAT!r} v{FORMAT_VERSION}")
+    fm = m.get("settings", {}).get("flow_map")
+    if isinstance(fm, dict):  # a manifest from before a flow-map field existed: the map that built it
+        m["settings"]["flow_map"] = {**LEGACY, **fm}
     return m
 
 
@@ -400,6 +403,8 @@ def build_dataset(out: str, teacher: Teacher, spec: TeacherSpec, *, num_samples:
     build_info = {"torch": torch.__version__, "device": str(teacher.device), "batch_size": batch_size,
                   "world_size": world, "flow_map": fm_config.to_dict()}
     warn = (lambda msg: log(f"warning: {msg}")) if rank == 0 else (lambda msg: None)
+    if rank == 0 and (msg := codebook_warning(teacher.codebook, fm_config)):
+        warn(msg)
 
     plan = None
     if rank == 0:
@@ -651,7 +656,7 @@ def _recompute(root, m, n_check, *, device, batch_size, spec, seed, log) -> list
     g = torch.Generator().manual_seed(seed)
     picks = torch.randperm(len(ds), generator=g)[:n_check].tolist()
     sampling = SamplingConfig(**st["sampling"])
-    fm_config = FlowMapConfig(**dict(m["build"].get("flow_map", {}), **st["flow_map"]))
+    fm_config = FlowMapConfig.from_dict(dict(m["build"].get("flow_map", {}), **st["flow_map"]))
     codebook = teacher.codebook.to(teacher.device, torch.float32)
     bad, agree, total, same = [], 0, 0, 0
     for b0 in range(0, len(picks), batch_size):
@@ -705,10 +710,14 @@ _FLOW_MAP_OPTIONS = [
                  show_default=True, help="Order-3 coefficient: exact, or as the official DPM-Solver code."),
     click.option("--lower-order-final/--no-lower-order-final", "lower_order_final", default=_FM.lower_order_final,
                  show_default=True, help="Lower the order over the last two steps (stabilises the long final step)."),
+    click.option("--grid-scale", "grid_scale", type=click.Choice(GRID_SCALES), default=_FM.grid_scale,
+                 show_default=True, help="codebook: shift the solver's time grid by the codebook's spread; "
+                 "unit: as for spread 1 (the map before issue 14)."),
     click.option("--solver-mem-mb", "mem_budget_mb", type=float, default=_FM.mem_budget_mb, show_default=True,
                  help="Working memory of one flow-map call (does not change the data)."),
 ]
-_FLOW_MAP_FIELDS = ("nfe", "order", "spacing", "t_start", "t_end", "variant", "lower_order_final", "mem_budget_mb")
+_FLOW_MAP_FIELDS = ("nfe", "order", "spacing", "t_start", "t_end", "variant", "lower_order_final", "grid_scale",
+                    "mem_budget_mb")
 
 
 def flow_map_options(f):

@@ -44,7 +44,7 @@ Teacher-agnostic: inputs are plain tensors (probs: [B, k, V], rows summing to 1,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional, Tuple
 
 import numpy as np
@@ -55,17 +55,27 @@ from .dpm_solver import SPACINGS, VARIANTS, dpm_solver_pp, timesteps
 # Codes per chunk of the reduction over V. A constant on purpose: the order of the online log-sum-exp
 # must not depend on batch size or memory budget (see "Determinism" above).
 V_CHUNK = 4096
+# Where the time grid sits: "codebook" shifts it in λ by −log(code_spread(codebook)), so the map is the
+# same for a codebook and any multiple of it; "unit" places it as for a codebook of spread 1 (before 2.0).
+GRID_SCALES = ("codebook", "unit")
+# Values that reproduce the map from before each field existed: a recorded config lacking a field
+# (a data set's manifest, a run's info) was built with these (`FlowMapConfig.from_dict`).
+LEGACY = {"grid_scale": "unit"}
+# Below exp(-EXP_FLOOR) of the row's top weight a code's weight is floored there: exp() of very negative
+# or -inf inputs takes a slow path (4-30x on x86), and e^-80·V is far below fp32 resolution of the sum.
+EXP_FLOOR = 80.0
 
 
 @dataclass(frozen=True)
 class FlowMapConfig:
     """How the per-token flow ODE is solved. Saved with every dataset built from it (`to_dict`)."""
 
-    nfe: int = 10                   # denoiser evaluations per token (DD: 10)
+    nfe: int = 48                   # denoiser evaluations per token (DD: 10; see the module docstring)
     order: int = 3                  # multistep DPM-Solver++ order (1, 2, 3)
     spacing: str = "time_quadratic"  # "logsnr" | "time_uniform" | "time_quadratic" (dense near data)
-    t_start: float = 1e-3           # x(t_start) = ε; λ = −6.9
-    t_end: float = 1.0 - 1e-3       # snap x/t_end to the nearest code; λ = +6.9
+    t_start: float = 1e-3           # x(t_start) = ε; λ = −6.9 (for a codebook of spread 1, see grid_scale)
+    t_end: float = 1.0 - 1e-3       # snap x/t_end to the nearest code; λ = +6.9 (ditto)
+    grid_scale: str = "codebook"    # "codebook": grid shifted by −log(code_spread); "unit": not shifted
     variant: str = "exact"          # "exact" (2·φ3) or "official" (dpm-solver @52bc3fb, φ3)
     lower_order_final: bool = True  # last step order 1, the one before ≤ 2 (see dpm_solver_pp)
     mem_budget_mb: float = 256.0    # per-call working memory for logits and log p
@@ -79,17 +89,72 @@ class FlowMapConfig:
             raise ValueError(f"unknown spacing {self.spacing!r}; choose from {SPACINGS}")
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; choose from {VARIANTS}")
+        if self.grid_scale not in GRID_SCALES:
+            raise ValueError(f"unknown grid_scale {self.grid_scale!r}; choose from {GRID_SCALES}")
         if not 0.0 < self.t_start < self.t_end < 1.0:
             raise ValueError(f"need 0 < t_start < t_end < 1, got {self.t_start}, {self.t_end}")
         if self.mem_budget_mb <= 0:
             raise ValueError(f"mem_budget_mb must be positive, got {self.mem_budget_mb}")
 
-    def timesteps(self) -> torch.Tensor:
-        """float64 [nfe + 1] solver times."""
-        return timesteps(self.nfe, self.t_start, self.t_end, self.spacing)
+    def timesteps(self, spread: float = 1.0) -> torch.Tensor:
+        """float64 [nfe + 1] solver times for a codebook of `code_spread` `spread`."""
+        shift = math.log(spread) if self.grid_scale == "codebook" else 0.0
+        return timesteps(self.nfe, self.t_start, self.t_end, self.spacing, log_scale=shift)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FlowMapConfig":
+        """The config a recorded dict describes; fields it lacks take their LEGACY value (the map from
+        before the field existed), keys that are not fields are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**LEGACY, **{k: v for k, v in d.items() if k in names}})
+
+
+def code_spread(codebook: torch.Tensor) -> float:
+    """RMS distance of the codes from their mean, sqrt(mean_j ‖c_j − c̄‖²), in float64: the codebook's
+    scale, by which `grid_scale="codebook"` shifts the time grid (1.0 for l2-normalised random codes)."""
+    cb = codebook.detach().to(torch.float64)
+    return (cb - cb.mean(0)).pow(2).sum(1).mean().sqrt().item()
+
+
+def relative_spacing(codebook: torch.Tensor, q: float = 0.01, rows: int = 1024) -> float:
+    """The q-quantile of the codes' nearest-neighbour distances over `code_spread`: scale-free, and what
+    decides how late (in λ − log spread) the posterior still splits between neighbours, i.e. how finely the
+    solve must follow it. Exact duplicate codes count as distance 0. [V, C] -> float; O(V²C), chunked."""
+    cb = codebook.detach().to(torch.float64)
+    sq = cb.pow(2).sum(1)
+    nn = torch.empty(len(cb), dtype=torch.float64)
+    for r in range(0, len(cb), rows):
+        d = sq[r:r + rows, None] + sq[None] - 2.0 * cb[r:r + rows] @ cb.t()       # [rows, V]
+        d[torch.arange(d.shape[0]), torch.arange(r, r + d.shape[0])] = math.inf   # not the code itself
+        nn[r:r + rows] = d.min(1).values.clamp_min(0).sqrt()
+    return (nn.quantile(q) / code_spread(codebook)).item()
+
+
+# The codebook geometry the defaults were validated on (tools/bench_flowmap.py; docs/flowmap.md):
+# relative_spacing 0.171 (random 16384 x 8 l2-normalised codes) and 0.69 (random 4096 x 32 N(0, σ²) codes,
+# any σ: with grid_scale="codebook" the map does not depend on σ); warn a little below the 0.171. Denser
+# codes need more NFE.
+VALIDATED_SPACING = 0.16
+
+
+def codebook_warning(codebook: torch.Tensor, config: FlowMapConfig) -> Optional[str]:
+    """One line when `config` has not been validated on a codebook like this one (else None), naming the
+    NFE to use. Measured: at a fixed grid the share of tokens that land on another code than the exact map
+    falls as NFE⁻² (issue 14), and the cells shrink with the spacing, so NFE ∝ (VALIDATED_SPACING/r)^½."""
+    spread = code_spread(codebook)
+    if config.grid_scale == "unit" and not 0.5 <= spread <= 2.0:
+        return (f"flow map: grid_scale='unit' places the solver's time grid for a codebook of spread ~1, but this "
+                f"codebook's spread is {spread:.3g}; use grid_scale='codebook' (the default, --grid-scale codebook)")
+    r = relative_spacing(codebook)
+    if r >= VALIDATED_SPACING:
+        return None
+    nfe = math.ceil(config.nfe * math.sqrt(VALIDATED_SPACING / max(r, 1e-6)))
+    return (f"flow map: this codebook's nearest-neighbour spacing (1% quantile) is {r:.3g} of its spread, below "
+            f"the {VALIDATED_SPACING} the {config.nfe}-NFE map was validated on; use --nfe {nfe} or more "
+            f"(tools/bench_flowmap.py --codebook measures it)")
 
 
 # ---- the Dirac-mixture denoiser ------------------------------------------------------------------
@@ -131,7 +196,7 @@ def _denoise(x: torch.Tensor, t: float, logp: torch.Tensor, cb_sq: torch.Tensor,
         lg = torch.addmm(logp[:, sl], xa, cb_sq[sl].t())           # [N, Vc] log p + a x·c − b‖c‖²
         m_new = torch.maximum(m, lg.amax(1))
         shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # no support yet -> 0
-        lg.sub_(shift[:, None]).exp_()                            # weights at scale e^{−shift}
+        lg.sub_(shift[:, None]).clamp_(min=-EXP_FLOOR).exp_()     # weights at scale e^{−shift}
         acc = acc * torch.exp(m - shift)[:, None] + lg @ cb_one[sl]
         m = m_new
     return acc[:, :c] / acc[:, c:]
@@ -212,8 +277,8 @@ def chunk_rows(v: int, c: int, mem_budget_mb: float, v_chunk: int = V_CHUNK, ite
 
 def _solve_rows(eps: torch.Tensor, probs: torch.Tensor, cb_sq: torch.Tensor, cb_one: torch.Tensor,
                 config: FlowMapConfig, ts: torch.Tensor, v_chunk: int, snap: bool) -> torch.Tensor:
-    """One chunk of token rows: eps [n, C] (compute dtype), probs [n, V] (any dtype) -> x(t_end) [n, C],
-    or with snap the nearest code with p > 0 to x(t_end)/t_end [n] int64."""
+    """One chunk of token rows: eps [n, C] (compute dtype), probs [n, V] (any dtype) -> x(ts[-1]) [n, C],
+    or with snap the nearest code with p > 0 to x(ts[-1])/ts[-1] [n] int64."""
     n, v = probs.shape
     logp = torch.empty(n, v, dtype=eps.dtype, device=eps.device)               # [n, V]
     for v0 in range(0, v, v_chunk):                                            # cast chunk by chunk
@@ -227,7 +292,7 @@ def _solve_rows(eps: torch.Tensor, probs: torch.Tensor, cb_sq: torch.Tensor, cb_
 
     x = dpm_solver_pp(denoise_fn, eps, ts, order=config.order, variant=config.variant,
                       lower_order_final=config.lower_order_final)
-    return _nearest(x / config.t_end, cb_sq, v_chunk, logp, -math.inf) if snap else x
+    return _nearest(x / float(ts[-1]), cb_sq, v_chunk, logp, -math.inf) if snap else x
 
 
 @torch.no_grad()
@@ -251,7 +316,7 @@ def solve_flow(eps: torch.Tensor, probs: torch.Tensor, codebook: torch.Tensor,
     eps2 = eps.reshape(-1, c).to(device=dev, dtype=dtype)                      # [N, C]
     probs2 = probs.reshape(-1, v)                                               # [N, V] (a view if contiguous)
     cb_sq, cb_one = _augment(codebook.to(device=dev, dtype=dtype))
-    ts = config.timesteps()
+    ts = config.timesteps(code_spread(codebook))
     rows = chunk_rows(v, c, config.mem_budget_mb, v_chunk, eps2.element_size())
     outs = []
     for r in range(0, eps2.shape[0], rows):
