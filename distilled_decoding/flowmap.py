@@ -14,17 +14,29 @@ t_start to t_end and snap x/t_end to the nearest code (squared L2, as DD does) a
 with p > 0 (identical whenever the solve is accurate; it keeps a failed solve from emitting a token
 the teacher could never sample).
 
-Start: x(t_start) = ε. The exact state is x(t_start) = ε + ∫_0^{t_start} (D − x)/(1 − t) dt
-= ε + t_start·(μ − ε) + O(t_start²) with μ = Σ_j p_j c_j: starting at ε moves a trajectory by
-t_start·‖μ − ε‖ (~3e-3 for C = 8), so a token changes code only if its ε lies that close to a
-boundary between the cells the exact map sends to different codes (cells of p_j Gaussian mass each).
-Measured (tools/bench_flowmap.py): DOP853 solves from x(1e-3) = ε and from t = 0 agree on 256/256
-tokens for both codebook shapes; the remaining error of the 10-NFE map is the solver's.
-End: at t_end = 1 − 1e-3 the posterior has long collapsed to one code; x/t_end sits about
-(1 − t_end)/t_end·‖x0‖ ≈ 1e-3·√C from it, far below half the smallest code spacing (0.048 for a
-random 16384 x 8 l2-normalised codebook). A codebook with near-duplicate codes needs t_end closer to 1.
+Scale (grid_scale="codebook"): with y = x/t = x1 + s·x0, s = (1 − t)/t = e^{−λ}, the ODE is dy/dλ = D − y,
+and the posterior splits between two codes at distance δ once s falls to ~δ. Scaling the codebook by k
+maps the solution at λ to k times the solution at λ − log k, so the time grid (t_start, t_end and every
+step) is placed for a codebook of spread 1 and shifted in λ by −log(code_spread(codebook)): the map of k·C
+is then the map of C, for any k. Unshifted ("unit", the map before issue 14), a raw N(0, 3²) 4096 x 32
+codebook (spread 17) has all its posterior splits inside the grid's first step (10 NFE: 60% agreement
+with the exact map, χ² p ~1e-48).
 
-Defaults (FlowMapConfig) were chosen with tools/bench_flowmap.py; see the README's flow-map section.
+Start: x(t_start) = ε. The exact state is ε + t_start·(μ − ε) + O(t_start²) with μ = Σ_j p_j c_j (in
+units of the spread): a token changes code only if its ε lies that close to a boundary between the
+cells the exact map sends to different codes. Measured: DOP853 solves from x(1e-3) = ε and from t = 0
+agree on 300/300 tokens (16384 x 8 l2); the remaining error of the map is the solver's.
+End: at t_end (1 − 1e-3 at spread 1) the posterior has long collapsed to one code; x/t_end sits about
+1e-3·spread·√C from it, far below half the 1% quantile of nearest-neighbour distances (0.17·spread for
+random 16384 x 8 l2-normalised codes, 0.69·spread for random 4096 x 32 Gaussian ones).
+
+NFE: the error sits where the posterior splits between neighbours (λ − log spread in [0, 3] for
+16384 x 8 l2 codes); there DPM-Solver++(3M) converges at ~NFE⁻² in the share of tokens that land on
+another code than the exact map: 16384 x 8 l2, p = softmax(2·N(0,1)) top-k 8000, 2000 tokens: 98.8% at
+24 NFE, 99.25% at 32, 99.6% at 48, 99.8% at 64, 99.95% at 128. No grid shape (logSNR, EDM/Karras ρ,
+asinh windows, refining single λ bands) or singlestep solver (Heun, 2S) did better per NFE. Hence the
+default 48 NFE; codes denser than validated need more (`codebook_warning`, which `dd build-dataset`
+prints). tools/bench_flowmap.py and docs/flowmap.md have the full measurements.
 
 Memory: the logits are [tokens, V] (V = 16384 for LlamaGen). `solve_flow` solves tokens in row chunks
 sized from `mem_budget_mb` (each row holds its log p [V] plus two [V_CHUNK] logit buffers) and
@@ -35,7 +47,7 @@ Determinism: tokens never interact, and the V chunking is a constant (V_CHUNK), 
 reduction over V runs in the same order whatever the batch. Batch size and budget change only how many
 rows share one matmul, which may change the BLAS kernel and so rounding at the 1e-7 level. An index
 can change only if its ε lies within ~1e-6 of a cell boundary: the fp32 and fp64 solves (a
-perturbation at least as large) give the same index on 256/256 tokens per codebook, and the tests
+perturbation at least as large) give the same index on 2000/2000 tokens per codebook, and the tests
 require identical indices across batch shapes, orders, row chunks and V-chunk sizes.
 
 Teacher-agnostic: inputs are plain tensors (probs: [B, k, V], rows summing to 1, e.g. a teacher's
@@ -133,28 +145,34 @@ def relative_spacing(codebook: torch.Tensor, q: float = 0.01, rows: int = 1024) 
     return (nn.quantile(q) / code_spread(codebook)).item()
 
 
-# The codebook geometry the defaults were validated on (tools/bench_flowmap.py; docs/flowmap.md):
-# relative_spacing 0.171 (random 16384 x 8 l2-normalised codes) and 0.69 (random 4096 x 32 N(0, σ²) codes,
-# any σ: with grid_scale="codebook" the map does not depend on σ); warn a little below the 0.171. Denser
-# codes need more NFE.
-VALIDATED_SPACING = 0.16
+# The codebooks the defaults were validated on (tools/bench_flowmap.py, docs/flowmap.md), all random:
+# 16384 x 8 l2-normalised (the hardest: 99.6% agreement with the exact map at 48 NFE), 4096 x 32
+# N(0, σ²) for σ 0.5 to 3 (any σ: with grid_scale="codebook" the map does not depend on σ), 4096 x 6 and
+# 1024 x 4 l2-normalised, and 512 x 32 Gaussian codes plus 64 near-duplicates (relative_spacing 0.008:
+# 99.7% at 48 NFE, 99.9% at 96). Doubling the NFE cuts the tokens that leave the exact map's code ~4x.
+VALIDATED_MAX_CODES = 16384
+VALIDATED_MIN_SPACING = 0.008
 
 
 def codebook_warning(codebook: torch.Tensor, config: FlowMapConfig) -> Optional[str]:
-    """One line when `config` has not been validated on a codebook like this one (else None), naming the
-    NFE to use. Measured: at a fixed grid the share of tokens that land on another code than the exact map
-    falls as NFE⁻² (issue 14), and the cells shrink with the spacing, so NFE ∝ (VALIDATED_SPACING/r)^½."""
+    """One line when `config` has not been validated on a codebook like this one (else None), naming
+    what to use instead. O(V²C) for `relative_spacing`: call it once per data set, not per step."""
     spread = code_spread(codebook)
     if config.grid_scale == "unit" and not 0.5 <= spread <= 2.0:
         return (f"flow map: grid_scale='unit' places the solver's time grid for a codebook of spread ~1, but this "
                 f"codebook's spread is {spread:.3g}; use grid_scale='codebook' (the default, --grid-scale codebook)")
-    r = relative_spacing(codebook)
-    if r >= VALIDATED_SPACING:
+    nfe = 2 * FlowMapConfig.nfe
+    if config.nfe >= nfe:
         return None
-    nfe = math.ceil(config.nfe * math.sqrt(VALIDATED_SPACING / max(r, 1e-6)))
-    return (f"flow map: this codebook's nearest-neighbour spacing (1% quantile) is {r:.3g} of its spread, below "
-            f"the {VALIDATED_SPACING} the {config.nfe}-NFE map was validated on; use --nfe {nfe} or more "
-            f"(tools/bench_flowmap.py --codebook measures it)")
+    if codebook.shape[0] > VALIDATED_MAX_CODES:   # (and spares the O(V²) spacing of a huge codebook)
+        outside = f"{codebook.shape[0]} codes (validated up to {VALIDATED_MAX_CODES})"
+    elif (r := relative_spacing(codebook)) < VALIDATED_MIN_SPACING:
+        outside = f"a nearest-neighbour spacing (1% quantile) of {r:.3g} of its spread (validated down to " \
+                  f"{VALIDATED_MIN_SPACING})"
+    else:
+        return None
+    return (f"flow map: this codebook has {outside}; the {config.nfe}-NFE map was not validated on such codes: "
+            f"use --nfe {nfe} (tools/bench_flowmap.py --codebook measures the map on it)")
 
 
 # ---- the Dirac-mixture denoiser ------------------------------------------------------------------

@@ -307,18 +307,21 @@ def test_grid_scale_makes_the_map_scale_free():
 
 
 def test_legacy_config_and_codebook_warning():
-    """A recorded config without grid_scale is the map from before it existed ("unit"); the warning names
-    a larger NFE for codes denser than validated, and grid_scale="unit" on a codebook far from spread 1."""
+    """A recorded config without grid_scale is the map from before it existed ("unit"). The warning names
+    a larger NFE for near-duplicate codes or more codes than validated, and grid_scale='codebook' for the
+    "unit" grid on a codebook far from spread 1."""
     assert FlowMapConfig.from_dict({"nfe": 10, "unknown": 1}) == FlowMapConfig(nfe=10, grid_scale="unit")
     assert FlowMapConfig.from_dict(FlowMapConfig().to_dict()) == FlowMapConfig()
     g = torch.Generator().manual_seed(0)
     sparse = torch.randn(512, 32, generator=g)                      # VAR-like: relative spacing ~0.7
     assert codebook_warning(sparse, FlowMapConfig()) is None
     assert relative_spacing(2.0 * sparse) == pytest.approx(relative_spacing(sparse), rel=1e-9)
-    dense = torch.cat([sparse, sparse[:64] + 0.01 * torch.randn(64, 32, generator=g)])   # near-duplicates
+    dense = torch.cat([sparse, sparse[:64] + 1e-3 * torch.randn(64, 32, generator=g)])   # near-duplicates
     msg = codebook_warning(dense, FlowMapConfig())
-    nfe = int(msg.split("--nfe ")[1].split()[0])
-    assert "spacing" in msg and nfe > FlowMapConfig().nfe
+    assert "spacing" in msg and f"--nfe {2 * FlowMapConfig().nfe}" in msg
+    assert codebook_warning(dense, FlowMapConfig(nfe=2 * FlowMapConfig().nfe)) is None
+    big = torch.nn.functional.normalize(torch.randn(16385, 2, generator=g), dim=1)
+    assert "16385 codes" in codebook_warning(big, FlowMapConfig())
     assert "grid_scale='codebook'" in codebook_warning(10 * sparse, FlowMapConfig(grid_scale="unit"))
 
 
