@@ -183,13 +183,14 @@ def _logit_scales(t: float) -> Tuple[float, float]:
 
 
 def _augment(codebook: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """codebook [V, C] -> ([c, ‖c‖²], [c, 1]), both [V, C + 1].
+    """codebook [V, C] -> ([c, ‖c‖²] [V, C + 1], [c, 1]ᵀ [C + 1, V]).
 
     With them one addmm gives logits = log p + [a·x, −b]·[c, ‖c‖²] and one mm gives
-    [Σ w c, Σ w] = w·[c, 1]; fewer passes over the [rows, V_CHUNK] buffer.
+    [Σ w c, Σ w] = ([c, 1]ᵀ·wᵀ)ᵀ; fewer passes over the [rows, V_CHUNK] buffer. The second is stored
+    transposed: [C + 1, Vc] @ [Vc, rows] runs 1.2-3x faster than [rows, Vc] @ [Vc, C + 1] (MKL, 1 thread).
     """
     csq = codebook.pow(2).sum(1, keepdim=True)
-    return torch.cat([codebook, csq], 1), torch.cat([codebook, torch.ones_like(csq)], 1)
+    return torch.cat([codebook, csq], 1), torch.cat([codebook, torch.ones_like(csq)], 1).t().contiguous()
 
 
 def posterior_logits(x: torch.Tensor, t: float, logp: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -201,9 +202,10 @@ def posterior_logits(x: torch.Tensor, t: float, logp: torch.Tensor, codebook: to
     return logp + a * (x @ codebook.t()) - b * codebook.pow(2).sum(1)
 
 
-def _denoise(x: torch.Tensor, t: float, logp: torch.Tensor, cb_sq: torch.Tensor, cb_one: torch.Tensor,
+def _denoise(x: torch.Tensor, t: float, logp: torch.Tensor, cb_sq: torch.Tensor, cb_one_t: torch.Tensor,
              v_chunk: int) -> torch.Tensor:
-    """D(x, t) [N, C] with an online log-sum-exp over fixed chunks of V (see `denoise`)."""
+    """D(x, t) [N, C] with an online log-sum-exp over fixed chunks of V (see `denoise`; cb_sq [V, C + 1],
+    cb_one_t [C + 1, V] from `_augment`)."""
     n, c = x.shape
     a, b = _logit_scales(t)
     xa = torch.cat([x * a, x.new_full((n, 1), -b)], 1)          # [N, C + 1]
@@ -215,7 +217,7 @@ def _denoise(x: torch.Tensor, t: float, logp: torch.Tensor, cb_sq: torch.Tensor,
         m_new = torch.maximum(m, lg.amax(1))
         shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # no support yet -> 0
         lg.sub_(shift[:, None]).clamp_(min=-EXP_FLOOR).exp_()     # weights at scale e^{−shift}
-        acc = acc * torch.exp(m - shift)[:, None] + lg @ cb_one[sl]
+        acc = acc * torch.exp(m - shift)[:, None] + (cb_one_t[:, sl] @ lg.t()).t()
         m = m_new
     return acc[:, :c] / acc[:, c:]
 
@@ -228,8 +230,8 @@ def denoise(x: torch.Tensor, t: float, logp: torch.Tensor, codebook: torch.Tenso
     codebook: [V, C]. Works in x's dtype; reduces over V in chunks of `v_chunk` codes with an online
     log-sum-exp, so the working set is ~2·N·v_chunk numbers beyond the inputs.
     """
-    cb_sq, cb_one = _augment(codebook.to(x.dtype))
-    return _denoise(x, t, logp.to(x.dtype), cb_sq, cb_one, v_chunk)
+    cb_sq, cb_one_t = _augment(codebook.to(x.dtype))
+    return _denoise(x, t, logp.to(x.dtype), cb_sq, cb_one_t, v_chunk)
 
 
 # ---- nearest code ----------------------------------------------------------------------------------
@@ -293,7 +295,7 @@ def chunk_rows(v: int, c: int, mem_budget_mb: float, v_chunk: int = V_CHUNK, ite
     return rows
 
 
-def _solve_rows(eps: torch.Tensor, probs: torch.Tensor, cb_sq: torch.Tensor, cb_one: torch.Tensor,
+def _solve_rows(eps: torch.Tensor, probs: torch.Tensor, cb_sq: torch.Tensor, cb_one_t: torch.Tensor,
                 config: FlowMapConfig, ts: torch.Tensor, v_chunk: int, snap: bool) -> torch.Tensor:
     """One chunk of token rows: eps [n, C] (compute dtype), probs [n, V] (any dtype) -> x(ts[-1]) [n, C],
     or with snap the nearest code with p > 0 to x(ts[-1])/ts[-1] [n] int64."""
@@ -306,7 +308,7 @@ def _solve_rows(eps: torch.Tensor, probs: torch.Tensor, cb_sq: torch.Tensor, cb_
         raise ValueError("every token needs some probability mass (a probs row is all zero)")
 
     def denoise_fn(x, t):
-        return _denoise(x, t, logp, cb_sq, cb_one, v_chunk)
+        return _denoise(x, t, logp, cb_sq, cb_one_t, v_chunk)
 
     x = dpm_solver_pp(denoise_fn, eps, ts, order=config.order, variant=config.variant,
                       lower_order_final=config.lower_order_final)
@@ -333,12 +335,12 @@ def solve_flow(eps: torch.Tensor, probs: torch.Tensor, codebook: torch.Tensor,
     dev = probs.device
     eps2 = eps.reshape(-1, c).to(device=dev, dtype=dtype)                      # [N, C]
     probs2 = probs.reshape(-1, v)                                               # [N, V] (a view if contiguous)
-    cb_sq, cb_one = _augment(codebook.to(device=dev, dtype=dtype))
+    cb_sq, cb_one_t = _augment(codebook.to(device=dev, dtype=dtype))
     ts = config.timesteps(code_spread(codebook))
     rows = chunk_rows(v, c, config.mem_budget_mb, v_chunk, eps2.element_size())
     outs = []
     for r in range(0, eps2.shape[0], rows):
-        outs.append(_solve_rows(eps2[r:r + rows], probs2[r:r + rows], cb_sq, cb_one, config, ts, v_chunk, snap))
+        outs.append(_solve_rows(eps2[r:r + rows], probs2[r:r + rows], cb_sq, cb_one_t, config, ts, v_chunk, snap))
     if snap:
         return torch.cat(outs).reshape(lead) if outs else torch.zeros(lead, dtype=torch.int64, device=dev)
     return torch.cat(outs).reshape(*lead, c) if outs else eps2.reshape(*lead, c)
