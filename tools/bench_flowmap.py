@@ -241,6 +241,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-teacher", dest="teacher", action="store_false",
                    help="time the matmul stand-in instead of building the random-weight teacher")
     p.add_argument("--no-cost", dest="cost", action="store_false", help="skip the cost section")
+    p.add_argument("--no-accuracy", dest="accuracy", action="store_false", help="only the cost section")
     p.add_argument("--progress", action="store_true", help="progress bars for the DOP853 reference")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
@@ -260,7 +261,8 @@ def main(argv=None) -> None:
             for std in stds:
                 cb = make_codebook(setting, std, path=a.codebook)
                 label = f"from {a.codebook}" if a.codebook else "l2-normalised" if std is None else f"N(0, {std}^2)"
-                bench_codebook(setting, cb, label, a, configs)
+                if a.accuracy:
+                    bench_codebook(setting, cb, label, a, configs)
             if a.cost:
                 bench_cost(setting, cb, a, default)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s wall")
