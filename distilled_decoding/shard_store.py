@@ -51,7 +51,8 @@ class StoreError(RuntimeError):
 class ShardSchema:
     """What one kind of store holds. format / version: the manifest's tag; made_by: the command that
     writes it (for messages); noun: what a directory of it is called; unit: what a sample is called
-    (plural); shapes: the tensors of a shard."""
+    (plural); shapes: the tensors of a shard; upgrade: completes a manifest written by older code (settings
+    it lacks get the values that code used), so that old directories read, verify and resume as what they are."""
 
     format: str
     version: int
@@ -59,6 +60,7 @@ class ShardSchema:
     noun: str
     unit: str
     shapes: ShapesFn
+    upgrade: Optional[Callable[[dict], dict]] = None
 
 
 def shard_name(k: int) -> str:
@@ -117,7 +119,7 @@ class ShardStore:
         if m.get("format") != sc.format or m.get("format_version") != sc.version:
             raise StoreError(f"{path}: format {m.get('format')!r} v{m.get('format_version')}, "
                              f"this code reads {sc.format!r} v{sc.version}")
-        return m
+        return sc.upgrade(m) if sc.upgrade is not None else m
 
     def check_shard(self, entry: dict, settings: dict, *, verify_hash: bool) -> None:
         """Raise StoreError naming the shard unless its file exists, has the recorded size (and sha256
