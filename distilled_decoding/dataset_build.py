@@ -17,7 +17,7 @@ from teachers.base import SamplingConfig, Teacher
 
 from .distributed import dist_info
 from .fileio import normalise_json
-from .flowmap import FlowMapConfig
+from .flowmap import FlowMapConfig, codebook_warning
 from .pairs import FLOW_MAP_NON_DATA, generate_pairs, pair_store, token_dtype
 from .seeding import LABEL_MODES, noise_fingerprint, sample_labels, sample_noise
 from .shard_store import build_shards
@@ -97,6 +97,8 @@ def build_dataset(out: str, teacher: Teacher, spec: TeacherSpec, *, num_samples:
     build_info = {"torch": torch.__version__, "device": str(teacher.device), "batch_size": batch_size,
                   "world_size": dist_info()[1], "flow_map": fm_config.to_dict()}
     codebook = teacher.codebook.to(teacher.device, torch.float32)
+    if dist_info()[0] == 0 and (msg := codebook_warning(codebook, fm_config)):
+        log(f"warning: {msg}")
 
     def produce(k, start, count, on_batch):
         return build_shard(teacher, start, count, settings=settings, sampling=sampling, fm_config=fm_config,

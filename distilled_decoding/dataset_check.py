@@ -59,7 +59,7 @@ def _recompute(root, m, n_check, *, device, batch_size, spec, seed, log) -> list
     g = torch.Generator().manual_seed(seed)
     picks = torch.randperm(len(ds), generator=g)[:n_check].tolist()
     sampling = SamplingConfig(**st["sampling"])
-    fm_config = FlowMapConfig(**dict(m["build"].get("flow_map", {}), **st["flow_map"]))
+    fm_config = FlowMapConfig.from_dict(dict(m["build"].get("flow_map", {}), **st["flow_map"]))
     codebook = teacher.codebook.to(teacher.device, torch.float32)
     bad, agree, total, same = [], 0, 0, 0
     for b0 in range(0, len(picks), batch_size):

@@ -13,7 +13,7 @@ import click
 from .dataset_check import dataset_info, verify_dataset
 from .distributed import default_device, device_option_check, finish_distributed, init_distributed
 from .dpm_solver import SPACINGS, VARIANTS
-from .flowmap import FlowMapConfig
+from .flowmap import GRID_SCALES, FlowMapConfig
 from .dataset_build import build_dataset
 from .pairs import read_manifest
 from .seeding import LABEL_MODES
@@ -36,10 +36,14 @@ _FLOW_MAP_OPTIONS = [
                  show_default=True, help="Order-3 coefficient: exact, or as the official DPM-Solver code."),
     click.option("--lower-order-final/--no-lower-order-final", "lower_order_final", default=_FM.lower_order_final,
                  show_default=True, help="Lower the order over the last two steps (stabilises the long final step)."),
+    click.option("--grid-scale", "grid_scale", type=click.Choice(GRID_SCALES), default=_FM.grid_scale,
+                 show_default=True, help="codebook: shift the solver's time grid by the codebook's spread; "
+                 "unit: as for spread 1 (the map before issue 14)."),
     click.option("--solver-mem-mb", "mem_budget_mb", type=float, default=_FM.mem_budget_mb, show_default=True,
                  help="Working memory of one flow-map call (does not change the data)."),
 ]
-_FLOW_MAP_FIELDS = ("nfe", "order", "spacing", "t_start", "t_end", "variant", "lower_order_final", "mem_budget_mb")
+_FLOW_MAP_FIELDS = ("nfe", "order", "spacing", "t_start", "t_end", "variant", "lower_order_final", "grid_scale",
+                    "mem_budget_mb")
 
 
 def flow_map_options(f):

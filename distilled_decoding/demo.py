@@ -1,7 +1,8 @@
 """`dd demo` (what `make demo` runs): the whole DD pipeline on a shipped digits teacher.
 
     build-dataset -> train -> sample (teacher, DD 1-step, DD 2-step, teacher-mixed, skip-N, onestep*)
-    -> eval -> a table in the style of the paper's Table 1, and a comparison grid.
+    -> eval -> a table in the style of the paper's Table 1 (quality.py: floor row, g, precision/recall,
+    mean ± sd over sampling seeds), a comparison grid, and plots.py's tradeoff.png / curves.png.
 
 Every stage is the real `dd` verb, run in-process with the command line printed first, so the log
 doubles as a recipe for a real teacher. FID is measured with the zoo's digits classifier features
@@ -18,7 +19,6 @@ import time
 from typing import Callable, List
 
 import click
-import numpy as np
 
 from .distributed import device_option_check
 
@@ -32,8 +32,9 @@ class DemoSize:
     batch_size: int        # training batch
     lr: float
     ema_decay: float       # short runs need a short EMA horizon
-    num_samples: int       # images per method for the table
+    num_samples: int       # images per method and sampling seed for the table
     sample_batch: int = 250
+    num_seeds: int = 3     # sampling seeds per method (mean ± sd in the table)
 
 
 _LLAMAGEN_DEFAULT = DemoSize(num_pairs=8000, train_steps=2500, batch_size=64, lr=3e-3, ema_decay=0.995,
@@ -45,8 +46,9 @@ SIZES = {
     "default": {"llamagen": _LLAMAGEN_DEFAULT,
                 "var": dataclasses.replace(_LLAMAGEN_DEFAULT, train_steps=1200)},
     # tests/test_demo.py: the smallest LlamaGen run where DD still clearly beats onestep*.
+    # Two sampling seeds (not three) keep the slow test short.
     "mini": {"llamagen": DemoSize(num_pairs=3000, train_steps=1000, batch_size=64, lr=3e-3, ema_decay=0.99,
-                                  num_samples=500)},
+                                  num_samples=500, num_seeds=2)},
     # tools/run_table.py --size large: twice the pairs and training, more samples (~12-20 min a family).
     "large": {fam: DemoSize(num_pairs=16000, train_steps=5000, batch_size=64, lr=3e-3, ema_decay=0.998,
                             num_samples=2000) for fam in ("llamagen", "var")},
@@ -65,51 +67,19 @@ def run_dd(args: List[str], log: Callable[[str], None] = click.echo) -> None:
     verbs[args[0]].main(args=args[1:], prog_name=f"dd {args[0]}", standalone_mode=False)
 
 
+def reference_seed(seed: int) -> int:
+    """Seed of the teacher's reference draw that every "vs teacher" column compares with."""
+    return seed + 1000
+
+
+def sample_seeds(seed: int, num: int) -> List[int]:
+    """The evaluation seeds of every method (and of the floor row), all distinct from the reference."""
+    return [seed + 2000 + 1000 * i for i in range(num)]
+
+
 def _timing(path: str) -> dict:
     with open(os.path.join(path, "timing.json")) as f:
         return json.load(f)
-
-
-def evaluate(sample_dirs: dict, real_images, real_labels, extractor, teacher_key: str = "teacher") -> dict:
-    """Features of every method's samples.npz -> {key: {fid_real, fid_teacher, acc}}.
-
-    real_images: [N, 3, H, W] float in [0, 1]; extractor: an extractors.FeatureExtractor with logits.
-    """
-    import torch
-    from .extractors import extract_features
-    from .image_sets import open_source
-    from .metrics import feature_stats, frechet_distance
-
-    with torch.no_grad():
-        real_feats, _ = extractor.features_and_logits(real_images.to(extractor.device), want_logits=False)
-    mu_r, s_r = feature_stats(real_feats.cpu().numpy())
-    feats, accs = {}, {}
-    for key, d in sample_dirs.items():
-        path = os.path.join(d, "samples.npz")
-        f, lg = extract_features(extractor, open_source(path), batch_size=250, desc=key)
-        labels = np.load(path)["arr_1"]
-        feats[key] = f
-        accs[key] = float((lg.argmax(1) == labels).mean())
-    mu_t, s_t = feature_stats(feats[teacher_key])
-    out = {}
-    for key, f in feats.items():
-        mu, s = feature_stats(f)
-        # max(0, .): sqrtm round-off makes identical sets come out at -1e-13, printed as "-0.00"
-        out[key] = {"fid_real": max(0.0, float(frechet_distance(mu, s, mu_r, s_r))),
-                    "fid_teacher": max(0.0, float(frechet_distance(mu, s, mu_t, s_t))),
-                    "acc": accs[key]}
-    return out
-
-
-def format_table(rows: List[dict], title: str) -> str:
-    """Markdown table in the layout of the paper's Table 1."""
-    head = ("| method | steps | FID vs real ↓ | FID vs teacher ↓ | class acc. ↑ | ms / image | speed-up |\n"
-            "|---|---:|---:|---:|---:|---:|---:|")
-    lines = [f"**{title}**", "", head]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['steps']} | {r['fid_real']:.2f} | {r['fid_teacher']:.2f} | "
-                     f"{100 * r['acc']:.1f}% | {1e3 * r['s_per_image']:.2f} | {r['speedup']:.1f}× |")
-    return "\n".join(lines)
 
 
 def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
@@ -118,6 +88,7 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
     the finished data set and training run (both resume) and re-draws the samples."""
     from teachers import load_teacher
     from teachers.zoo import digits_data
+    from . import plots, quality
     from .extractors import DigitsExtractor
     from .sampling import default_regen
     from .student_run import read_run_config
@@ -146,11 +117,9 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
     trained = tuple(read_run_config(run)["student"]["timesteps"])
     a, b = default_regen(trained)
     n_skip = S // 2
-    # Samples use noise and labels the student never saw in training (another seed).
-    common = ["--num-samples", str(size.num_samples), "--batch-size", str(size.sample_batch),
-              "--seed", str(seed + 1000), "--labels", "balanced", "--device", device, "--warmup"]
+    t_sample = time.perf_counter()
     methods = [
-        ("teacher", f"teacher ({S}-step AR)", S, ["--run", run, "--baseline", "teacher"]),
+        ("floor", "teacher, independent draws (floor)", S, ["--run", run, "--baseline", "teacher"]),
         ("dd1", "DD 1-step", 1, ["--run", run, "--steps", "1"]),
         ("dd2", f"DD 2-step (t = {','.join(map(str, trained))})", 2, ["--run", run, "--steps", "2"]),
         ("mixed", f"DD teacher-mixed pre-trained-{a}-{b}", (b - a) + (2 if a > 1 else 1),
@@ -158,29 +127,54 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
         ("skip", f"teacher skip-{n_skip}", S - n_skip, ["--run", run, "--baseline", f"skip-{n_skip}"]),
         ("onestep", "onestep* (token marginals)", 1, ["--data", data, "--baseline", "onestep"]),
     ]
-    dirs = {}
-    for key, _, _, extra in methods:
-        dirs[key] = os.path.join(smp, key)
-        run_dd(["sample", "--out", dirs[key]] + extra + common, log)
+    # Samples use noise and labels the student never saw in training (other seeds). The reference
+    # teacher draw has a seed of its own, so the floor row is an independent draw of the same teacher.
+    ref_seed, seeds = reference_seed(seed), sample_seeds(seed, size.num_seeds)
+    plan = [("teacher", ref_seed, ["--run", run, "--baseline", "teacher"])]
+    plan += [(key, s, extra) for s in seeds for key, _, _, extra in methods]
+    files, spi, used = {}, {}, {}
+    for key, s, extra in plan:
+        d = os.path.join(smp, f"{key}-seed{s}")
+        run_dd(["sample", "--out", d] + extra + ["--num-samples", str(size.num_samples), "--batch-size",
+                str(size.sample_batch), "--seed", str(s), "--labels", "balanced", "--device", device, "--warmup"],
+               log)
+        files.setdefault(key, []).append(os.path.join(d, "samples.npz"))
+        spi.setdefault(key, []).append(_timing(d)["seconds_per_image"])
+        used.setdefault(key, []).append(s)
     compare = os.path.join(out, "compare.png")
     run_dd(["sample", "--run", run, "--compare", "--out", os.path.join(smp, "compare"), "--num-samples", "10",
             "--labels", ",".join(map(str, range(teacher.num_classes))), "--device", device], log)
     os.replace(os.path.join(smp, "compare", "compare.png"), compare)
 
-    real, real_labels = digits_data("test")
-    scores = evaluate(dirs, real, real_labels, DigitsExtractor(device))
-    t_teacher = _timing(dirs["teacher"])["seconds_per_image"]
-    rows = []
-    for key, label, steps, _ in methods:
-        spi = _timing(dirs[key])["seconds_per_image"]
-        rows.append({"key": key, "method": label, "steps": steps, "s_per_image": spi,
-                     "speedup": t_teacher / spi if spi > 0 else float("inf"), **scores[key]})
+    extractor = DigitsExtractor(device)
+    real, _ = digits_data("test")
+    real_f = extractor.features(real.to(extractor.device)).cpu().numpy()
+    train_f = extractor.features(digits_data("train")[0].to(extractor.device)).cpu().numpy()
+    floor_real = quality.real_floor(real_f, train_f, size.num_samples, seed)
+    rows = quality.evaluate_rows([("teacher", f"teacher ({S}-step AR), reference draw", S)]
+                                 + [(key, label, steps) for key, label, steps, _ in methods],
+                                 files, used, real_f, extractor, spi)
+    t_sample = time.perf_counter() - t_sample
     title = (f"{name}: {size.num_pairs} pairs, {size.train_steps} training steps, {size.num_samples} samples "
-             f"per method, FID on digits-classifier features vs {real.shape[0]} held-out digits")
-    table = format_table(rows, title)
+             f"per method and seed, mean ± sd over {len(seeds)} sampling seeds, FID on digits-classifier "
+             f"features vs {real.shape[0]} held-out digits")
+    notes = [f"Real-vs-real floor of the FID vs real column: {size.num_samples} training digits vs the "
+             f"{real.shape[0]} held-out ones score {floor_real:.2f} on the same features. Floor row: the "
+             f"teacher at seeds {','.join(map(str, seeds))} against its reference draw at seed {ref_seed}; "
+             f"precision/recall are against that reference (k = 3).",
+             f"skip-{n_skip}: the teacher's first {S - n_skip} steps; the tokens of the {n_skip} skipped steps are "
+             "drawn independently from the last computed step's prediction, so the step count is the paper's "
+             "(LlamaGen skip-106 = 150 steps, VAR skip-1 = 9): the only per-position distributions a "
+             "next-token model gives without another model call (sampling.py, `--skip-fill`)."]
+    table = quality.format_table(rows, title, notes)
+    plots_out = {"tradeoff": plots.tradeoff_plot(rows, os.path.join(out, "tradeoff.png"), f"{name}: quality vs speed"),
+                 "curves": plots.curves_plot(os.path.join(run, "metrics.jsonl"), os.path.join(out, "curves.png"),
+                                             f"{name}: DD student training")}
     info = {"family": family, "size": dataclasses.asdict(size), "seed": seed, "device": device,
-            "seconds": {"build_dataset": t_data, "train": t_train, "total": time.perf_counter() - t0},
-            "rows": rows, "table": table, "compare": compare}
+            "reference_seed": ref_seed, "sample_seeds": seeds, "real_floor_fid": floor_real,
+            "seconds": {"build_dataset": t_data, "train": t_train, "sample_and_eval": t_sample,
+                        "total": time.perf_counter() - t0},
+            "rows": rows, "table": table, "compare": compare, "run": run, **plots_out}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(info, f, indent=2)
     with open(os.path.join(out, "table.md"), "w") as f:

@@ -50,8 +50,13 @@ def t_of_lambda(lam: float) -> float:
 
 
 def timesteps(nfe: int, t_start: float = 1e-3, t_end: float = 1.0 - 1e-3,
-              spacing: str = "time_quadratic") -> torch.Tensor:
+              spacing: str = "time_quadratic", log_scale: float = 0.0) -> torch.Tensor:
     """The nfe + 1 solver times from t_start (noise side) to t_end (data side): float64 [nfe + 1].
+
+    log_scale: shift every λ of the grid by −log_scale (t_start and t_end included), i.e. place the grid
+    for data of scale e^{log_scale} where it would sit for data of scale 1. Scaling the data by k maps the
+    ODE's solution x_t to k·x_t at λ − log k (x_t/t = x1 + e^{−λ}·x0), so a grid shifted by log k solves
+    the scaled problem exactly as the unscaled one. 0 leaves the grid untouched (bit for bit).
 
     spacing (the official `skip_type`s, read in DPM time τ = 1 − t, where the official code runs from
     τ = T (noise) down to τ = t_0 (data)):
@@ -75,6 +80,8 @@ def timesteps(nfe: int, t_start: float = 1e-3, t_end: float = 1.0 - 1e-3,
     else:
         raise ValueError(f"unknown spacing {spacing!r}; choose from {SPACINGS}")
     ts[0], ts[-1] = t_start, t_end  # exact end points whatever the rounding of the map back to t
+    if log_scale:
+        ts = torch.sigmoid(torch.log(ts) - torch.log1p(-ts) - log_scale)
     return ts
 
 

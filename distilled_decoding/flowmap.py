@@ -14,17 +14,29 @@ t_start to t_end and snap x/t_end to the nearest code (squared L2, as DD does) a
 with p > 0 (identical whenever the solve is accurate; it keeps a failed solve from emitting a token
 the teacher could never sample).
 
-Start: x(t_start) = ε. The exact state is x(t_start) = ε + ∫_0^{t_start} (D − x)/(1 − t) dt
-= ε + t_start·(μ − ε) + O(t_start²) with μ = Σ_j p_j c_j: starting at ε moves a trajectory by
-t_start·‖μ − ε‖ (~3e-3 for C = 8), so a token changes code only if its ε lies that close to a
-boundary between the cells the exact map sends to different codes (cells of p_j Gaussian mass each).
-Measured (tools/bench_flowmap.py): DOP853 solves from x(1e-3) = ε and from t = 0 agree on 256/256
-tokens for both codebook shapes; the remaining error of the 10-NFE map is the solver's.
-End: at t_end = 1 − 1e-3 the posterior has long collapsed to one code; x/t_end sits about
-(1 − t_end)/t_end·‖x0‖ ≈ 1e-3·√C from it, far below half the smallest code spacing (0.048 for a
-random 16384 x 8 l2-normalised codebook). A codebook with near-duplicate codes needs t_end closer to 1.
+Scale (grid_scale="codebook"): with y = x/t = x1 + s·x0, s = (1 − t)/t = e^{−λ}, the ODE is dy/dλ = D − y,
+and the posterior splits between two codes at distance δ once s falls to ~δ. Scaling the codebook by k
+maps the solution at λ to k times the solution at λ − log k, so the time grid (t_start, t_end and every
+step) is placed for a codebook of spread 1 and shifted in λ by −log(code_spread(codebook)): the map of k·C
+is then the map of C, for any k. Unshifted ("unit", the map before issue 14), a raw N(0, 3²) 4096 x 32
+codebook (spread 17) has all its posterior splits inside the grid's first step (10 NFE: 58-62% agreement
+with the exact map, χ² p < 1e-300 at 20 000 draws).
 
-Defaults (FlowMapConfig) were chosen with tools/bench_flowmap.py; see the README's flow-map section.
+Start: x(t_start) = ε. The exact state is ε + t_start·(μ − ε) + O(t_start²) with μ = Σ_j p_j c_j (in
+units of the spread): a token changes code only if its ε lies that close to a boundary between the
+cells the exact map sends to different codes. Measured: DOP853 solves from x(1e-3) = ε and from t = 0
+agree on 300/300 tokens (16384 x 8 l2); the remaining error of the map is the solver's.
+End: at t_end (1 − 1e-3 at spread 1) the posterior has long collapsed to one code; x/t_end sits about
+1e-3·spread·√C from it, far below half the 1% quantile of nearest-neighbour distances (0.17·spread for
+random 16384 x 8 l2-normalised codes, 0.69·spread for random 4096 x 32 Gaussian ones).
+
+NFE: the error sits where the posterior splits between neighbours (λ − log spread in [0, 3] for
+16384 x 8 l2 codes); there DPM-Solver++(3M) converges at ~NFE⁻² in the share of tokens that land on
+another code than the exact map: 16384 x 8 l2, p = softmax(2·N(0,1)) top-k 8000, 2000 tokens: 98.8% at
+24 NFE, 99.25% at 32, 99.6% at 48, 99.8% at 64, 99.95% at 128. No grid shape (logSNR, EDM/Karras ρ,
+asinh windows, refining single λ bands) or singlestep solver (Heun, 2S) did better per NFE. Hence the
+default 48 NFE; for codebooks outside the validated ones `codebook_warning` (printed by `dd build-dataset`)
+names more. tools/bench_flowmap.py and docs/flowmap.md have the full measurements.
 
 Memory: the logits are [tokens, V] (V = 16384 for LlamaGen). `solve_flow` solves tokens in row chunks
 sized from `mem_budget_mb` (each row holds its log p [V] plus two [V_CHUNK] logit buffers) and
@@ -35,7 +47,7 @@ Determinism: tokens never interact, and the V chunking is a constant (V_CHUNK), 
 reduction over V runs in the same order whatever the batch. Batch size and budget change only how many
 rows share one matmul, which may change the BLAS kernel and so rounding at the 1e-7 level. An index
 can change only if its ε lies within ~1e-6 of a cell boundary: the fp32 and fp64 solves (a
-perturbation at least as large) give the same index on 256/256 tokens per codebook, and the tests
+perturbation at least as large) give the same index on 2000/2000 tokens per codebook, and the tests
 require identical indices across batch shapes, orders, row chunks and V-chunk sizes.
 
 Teacher-agnostic: inputs are plain tensors (probs: [B, k, V], rows summing to 1, e.g. a teacher's
@@ -44,7 +56,7 @@ Teacher-agnostic: inputs are plain tensors (probs: [B, k, V], rows summing to 1,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional, Tuple
 
 import numpy as np
@@ -55,17 +67,28 @@ from .dpm_solver import SPACINGS, VARIANTS, dpm_solver_pp, timesteps
 # Codes per chunk of the reduction over V. A constant on purpose: the order of the online log-sum-exp
 # must not depend on batch size or memory budget (see "Determinism" above).
 V_CHUNK = 4096
+# Where the time grid sits: "codebook" shifts it in λ by −log(code_spread(codebook)), so the map is the
+# same for a codebook and any multiple of it; "unit" places it as for a codebook of spread 1 (the map
+# before issue 14).
+GRID_SCALES = ("codebook", "unit")
+# Values that reproduce the map from before each field existed: a recorded config lacking a field
+# (a data set's manifest, a run's info) was built with these (`FlowMapConfig.from_dict`).
+LEGACY = {"grid_scale": "unit"}
+# Below exp(-EXP_FLOOR) of the row's top weight a code's weight is floored there: exp() of very negative
+# or -inf inputs takes a slow path (4-30x on x86), and e^-80·V is far below fp32 resolution of the sum.
+EXP_FLOOR = 80.0
 
 
 @dataclass(frozen=True)
 class FlowMapConfig:
     """How the per-token flow ODE is solved. Saved with every dataset built from it (`to_dict`)."""
 
-    nfe: int = 10                   # denoiser evaluations per token (DD: 10)
+    nfe: int = 48                   # denoiser evaluations per token (DD: 10; see the module docstring)
     order: int = 3                  # multistep DPM-Solver++ order (1, 2, 3)
     spacing: str = "time_quadratic"  # "logsnr" | "time_uniform" | "time_quadratic" (dense near data)
-    t_start: float = 1e-3           # x(t_start) = ε; λ = −6.9
-    t_end: float = 1.0 - 1e-3       # snap x/t_end to the nearest code; λ = +6.9
+    t_start: float = 1e-3           # x(t_start) = ε; λ = −6.9 (for a codebook of spread 1, see grid_scale)
+    t_end: float = 1.0 - 1e-3       # snap x/t_end to the nearest code; λ = +6.9 (ditto)
+    grid_scale: str = "codebook"    # "codebook": grid shifted by −log(code_spread); "unit": not shifted
     variant: str = "exact"          # "exact" (2·φ3) or "official" (dpm-solver @52bc3fb, φ3)
     lower_order_final: bool = True  # last step order 1, the one before ≤ 2 (see dpm_solver_pp)
     mem_budget_mb: float = 256.0    # per-call working memory for logits and log p
@@ -79,17 +102,78 @@ class FlowMapConfig:
             raise ValueError(f"unknown spacing {self.spacing!r}; choose from {SPACINGS}")
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; choose from {VARIANTS}")
+        if self.grid_scale not in GRID_SCALES:
+            raise ValueError(f"unknown grid_scale {self.grid_scale!r}; choose from {GRID_SCALES}")
         if not 0.0 < self.t_start < self.t_end < 1.0:
             raise ValueError(f"need 0 < t_start < t_end < 1, got {self.t_start}, {self.t_end}")
         if self.mem_budget_mb <= 0:
             raise ValueError(f"mem_budget_mb must be positive, got {self.mem_budget_mb}")
 
-    def timesteps(self) -> torch.Tensor:
-        """float64 [nfe + 1] solver times."""
-        return timesteps(self.nfe, self.t_start, self.t_end, self.spacing)
+    def timesteps(self, spread: float = 1.0) -> torch.Tensor:
+        """float64 [nfe + 1] solver times for a codebook of `code_spread` `spread`."""
+        shift = math.log(spread) if self.grid_scale == "codebook" else 0.0
+        return timesteps(self.nfe, self.t_start, self.t_end, self.spacing, log_scale=shift)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FlowMapConfig":
+        """The config a recorded dict describes; fields it lacks take their LEGACY value (the map from
+        before the field existed), keys that are not fields are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**LEGACY, **{k: v for k, v in d.items() if k in names}})
+
+
+def code_spread(codebook: torch.Tensor) -> float:
+    """RMS distance of the codes from their mean, sqrt(mean_j ‖c_j − c̄‖²), in float64: the codebook's
+    scale, by which `grid_scale="codebook"` shifts the time grid (1.0 for l2-normalised random codes)."""
+    cb = codebook.detach().to(torch.float64)
+    return (cb - cb.mean(0)).pow(2).sum(1).mean().sqrt().item()
+
+
+def relative_spacing(codebook: torch.Tensor, q: float = 0.01, rows: int = 1024) -> float:
+    """The q-quantile of the codes' nearest-neighbour distances over `code_spread`: scale-free; it sets
+    how late (in λ − log spread) the closest neighbours still split, which the grid must reach.
+    Exact duplicate codes count as distance 0. [V, C] -> float; O(V²C), chunked."""
+    cb = codebook.detach().to(torch.float64)
+    sq = cb.pow(2).sum(1)
+    nn = torch.empty(len(cb), dtype=torch.float64)
+    for r in range(0, len(cb), rows):
+        d = sq[r:r + rows, None] + sq[None] - 2.0 * cb[r:r + rows] @ cb.t()       # [rows, V]
+        d[torch.arange(d.shape[0]), torch.arange(r, r + d.shape[0])] = math.inf   # not the code itself
+        nn[r:r + rows] = d.min(1).values.clamp_min(0).sqrt()
+    return (nn.quantile(q) / code_spread(codebook)).item()
+
+
+# The codebooks the defaults were validated on (tools/bench_flowmap.py, docs/flowmap.md), all random:
+# 16384 x 8 l2-normalised (the hardest: 99.6% agreement with the exact map at 48 NFE), 4096 x 32
+# N(0, σ²) for σ 0.5 to 3 (any σ: with grid_scale="codebook" the map does not depend on σ), 4096 x 6 and
+# 1024 x 4 l2-normalised, and 512 x 32 Gaussian codes plus 64 near-duplicates (relative_spacing 0.008:
+# 99.7% at 48 NFE, 99.9% at 96). Doubling the NFE cuts the tokens that leave the exact map's code ~4x.
+VALIDATED_MAX_CODES = 16384
+VALIDATED_MIN_SPACING = 0.008
+
+
+def codebook_warning(codebook: torch.Tensor, config: FlowMapConfig) -> Optional[str]:
+    """One line when `config` has not been validated on a codebook like this one (else None), naming
+    what to use instead. O(V²C) for `relative_spacing`: call it once per data set, not per step."""
+    spread = code_spread(codebook)
+    if config.grid_scale == "unit" and not 0.5 <= spread <= 2.0:
+        return (f"flow map: grid_scale='unit' places the solver's time grid for a codebook of spread ~1, but this "
+                f"codebook's spread is {spread:.3g}; use grid_scale='codebook' (the default, --grid-scale codebook)")
+    nfe = 2 * FlowMapConfig.nfe
+    if config.nfe >= nfe:
+        return None
+    if codebook.shape[0] > VALIDATED_MAX_CODES:   # (and spares the O(V²) spacing of a huge codebook)
+        outside = f"{codebook.shape[0]} codes (validated up to {VALIDATED_MAX_CODES})"
+    elif (r := relative_spacing(codebook)) < VALIDATED_MIN_SPACING:
+        outside = f"a nearest-neighbour spacing (1% quantile) of {r:.3g} of its spread (validated down to " \
+                  f"{VALIDATED_MIN_SPACING})"
+    else:
+        return None
+    return (f"flow map: this codebook has {outside}; the {config.nfe}-NFE map was not validated on such codes: "
+            f"use --nfe {nfe} (tools/bench_flowmap.py --codebook measures the map on it)")
 
 
 # ---- the Dirac-mixture denoiser ------------------------------------------------------------------
@@ -100,13 +184,14 @@ def _logit_scales(t: float) -> Tuple[float, float]:
 
 
 def _augment(codebook: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """codebook [V, C] -> ([c, ‖c‖²], [c, 1]), both [V, C + 1].
+    """codebook [V, C] -> ([c, ‖c‖²] [V, C + 1], [c, 1]ᵀ [C + 1, V]).
 
     With them one addmm gives logits = log p + [a·x, −b]·[c, ‖c‖²] and one mm gives
-    [Σ w c, Σ w] = w·[c, 1]; fewer passes over the [rows, V_CHUNK] buffer.
+    [Σ w c, Σ w] = ([c, 1]ᵀ·wᵀ)ᵀ; fewer passes over the [rows, V_CHUNK] buffer. The second is stored
+    transposed: [C + 1, Vc] @ [Vc, rows] runs 1.2-3x faster than [rows, Vc] @ [Vc, C + 1] (MKL, 1 thread).
     """
     csq = codebook.pow(2).sum(1, keepdim=True)
-    return torch.cat([codebook, csq], 1), torch.cat([codebook, torch.ones_like(csq)], 1)
+    return torch.cat([codebook, csq], 1), torch.cat([codebook, torch.ones_like(csq)], 1).t().contiguous()
 
 
 def posterior_logits(x: torch.Tensor, t: float, logp: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -118,9 +203,10 @@ def posterior_logits(x: torch.Tensor, t: float, logp: torch.Tensor, codebook: to
     return logp + a * (x @ codebook.t()) - b * codebook.pow(2).sum(1)
 
 
-def _denoise(x: torch.Tensor, t: float, logp: torch.Tensor, cb_sq: torch.Tensor, cb_one: torch.Tensor,
+def _denoise(x: torch.Tensor, t: float, logp: torch.Tensor, cb_sq: torch.Tensor, cb_one_t: torch.Tensor,
              v_chunk: int) -> torch.Tensor:
-    """D(x, t) [N, C] with an online log-sum-exp over fixed chunks of V (see `denoise`)."""
+    """D(x, t) [N, C] with an online log-sum-exp over fixed chunks of V (see `denoise`; cb_sq [V, C + 1],
+    cb_one_t [C + 1, V] from `_augment`)."""
     n, c = x.shape
     a, b = _logit_scales(t)
     xa = torch.cat([x * a, x.new_full((n, 1), -b)], 1)          # [N, C + 1]
@@ -131,8 +217,8 @@ def _denoise(x: torch.Tensor, t: float, logp: torch.Tensor, cb_sq: torch.Tensor,
         lg = torch.addmm(logp[:, sl], xa, cb_sq[sl].t())           # [N, Vc] log p + a x·c − b‖c‖²
         m_new = torch.maximum(m, lg.amax(1))
         shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # no support yet -> 0
-        lg.sub_(shift[:, None]).exp_()                            # weights at scale e^{−shift}
-        acc = acc * torch.exp(m - shift)[:, None] + lg @ cb_one[sl]
+        lg.sub_(shift[:, None]).clamp_(min=-EXP_FLOOR).exp_()     # weights at scale e^{−shift}
+        acc = acc * torch.exp(m - shift)[:, None] + (cb_one_t[:, sl] @ lg.t()).t()
         m = m_new
     return acc[:, :c] / acc[:, c:]
 
@@ -145,8 +231,8 @@ def denoise(x: torch.Tensor, t: float, logp: torch.Tensor, codebook: torch.Tenso
     codebook: [V, C]. Works in x's dtype; reduces over V in chunks of `v_chunk` codes with an online
     log-sum-exp, so the working set is ~2·N·v_chunk numbers beyond the inputs.
     """
-    cb_sq, cb_one = _augment(codebook.to(x.dtype))
-    return _denoise(x, t, logp.to(x.dtype), cb_sq, cb_one, v_chunk)
+    cb_sq, cb_one_t = _augment(codebook.to(x.dtype))
+    return _denoise(x, t, logp.to(x.dtype), cb_sq, cb_one_t, v_chunk)
 
 
 # ---- nearest code ----------------------------------------------------------------------------------
@@ -210,10 +296,10 @@ def chunk_rows(v: int, c: int, mem_budget_mb: float, v_chunk: int = V_CHUNK, ite
     return rows
 
 
-def _solve_rows(eps: torch.Tensor, probs: torch.Tensor, cb_sq: torch.Tensor, cb_one: torch.Tensor,
+def _solve_rows(eps: torch.Tensor, probs: torch.Tensor, cb_sq: torch.Tensor, cb_one_t: torch.Tensor,
                 config: FlowMapConfig, ts: torch.Tensor, v_chunk: int, snap: bool) -> torch.Tensor:
-    """One chunk of token rows: eps [n, C] (compute dtype), probs [n, V] (any dtype) -> x(t_end) [n, C],
-    or with snap the nearest code with p > 0 to x(t_end)/t_end [n] int64."""
+    """One chunk of token rows: eps [n, C] (compute dtype), probs [n, V] (any dtype) -> x(ts[-1]) [n, C],
+    or with snap the nearest code with p > 0 to x(ts[-1])/ts[-1] [n] int64."""
     n, v = probs.shape
     logp = torch.empty(n, v, dtype=eps.dtype, device=eps.device)               # [n, V]
     for v0 in range(0, v, v_chunk):                                            # cast chunk by chunk
@@ -223,11 +309,11 @@ def _solve_rows(eps: torch.Tensor, probs: torch.Tensor, cb_sq: torch.Tensor, cb_
         raise ValueError("every token needs some probability mass (a probs row is all zero)")
 
     def denoise_fn(x, t):
-        return _denoise(x, t, logp, cb_sq, cb_one, v_chunk)
+        return _denoise(x, t, logp, cb_sq, cb_one_t, v_chunk)
 
     x = dpm_solver_pp(denoise_fn, eps, ts, order=config.order, variant=config.variant,
                       lower_order_final=config.lower_order_final)
-    return _nearest(x / config.t_end, cb_sq, v_chunk, logp, -math.inf) if snap else x
+    return _nearest(x / float(ts[-1]), cb_sq, v_chunk, logp, -math.inf) if snap else x
 
 
 @torch.no_grad()
@@ -250,12 +336,12 @@ def solve_flow(eps: torch.Tensor, probs: torch.Tensor, codebook: torch.Tensor,
     dev = probs.device
     eps2 = eps.reshape(-1, c).to(device=dev, dtype=dtype)                      # [N, C]
     probs2 = probs.reshape(-1, v)                                               # [N, V] (a view if contiguous)
-    cb_sq, cb_one = _augment(codebook.to(device=dev, dtype=dtype))
-    ts = config.timesteps()
+    cb_sq, cb_one_t = _augment(codebook.to(device=dev, dtype=dtype))
+    ts = config.timesteps(code_spread(codebook))
     rows = chunk_rows(v, c, config.mem_budget_mb, v_chunk, eps2.element_size())
     outs = []
     for r in range(0, eps2.shape[0], rows):
-        outs.append(_solve_rows(eps2[r:r + rows], probs2[r:r + rows], cb_sq, cb_one, config, ts, v_chunk, snap))
+        outs.append(_solve_rows(eps2[r:r + rows], probs2[r:r + rows], cb_sq, cb_one_t, config, ts, v_chunk, snap))
     if snap:
         return torch.cat(outs).reshape(lead) if outs else torch.zeros(lead, dtype=torch.int64, device=dev)
     return torch.cat(outs).reshape(*lead, c) if outs else eps2.reshape(*lead, c)

@@ -28,7 +28,7 @@ import torch
 from teachers.base import SamplingConfig, Teacher
 
 from .fileio import normalise_json
-from .flowmap import FlowMapConfig, flow_map
+from .flowmap import LEGACY, FlowMapConfig, flow_map
 from .shard_store import ShardSchema, ShardStore, StoreError, diff_settings
 
 # FlowMapConfig fields that change how, not what, is computed (kept in the manifest, not compared).
@@ -46,8 +46,16 @@ def pair_shapes(settings: dict, m: int) -> dict:
     return want
 
 
+def upgrade_manifest(m: dict) -> dict:
+    """Flow-map fields a manifest lacks were not settings yet: that data was built with their LEGACY values."""
+    for part in (m.get("settings", {}), m.get("build", {})):
+        if isinstance(part.get("flow_map"), dict):
+            part["flow_map"] = {**LEGACY, **part["flow_map"]}
+    return m
+
+
 PAIRS = ShardSchema(format="dd-pairs", version=1, made_by="`dd build-dataset`", noun="data set", unit="pairs",
-                    shapes=pair_shapes)
+                    shapes=pair_shapes, upgrade=upgrade_manifest)
 
 
 def pair_store(root: str) -> ShardStore:

@@ -118,10 +118,9 @@ def _run_sampling_base(info: dict) -> Optional[dict]:
 def _run_flow_map(info: dict):
     """The flow map of the run's data set (default FlowMapConfig when unknown)."""
     from .flowmap import FlowMapConfig
-    fields = {f.name for f in dataclasses.fields(FlowMapConfig)}
     d = info.get("flow_map") if isinstance(info.get("flow_map"), dict) else _run_data_settings(info).get("flow_map")
     if isinstance(d, dict):
-        return FlowMapConfig(**{k: v for k, v in d.items() if k in fields})
+        return FlowMapConfig.from_dict(d)  # fields it lacks: the values of the map that made that data
     return FlowMapConfig()
 
 

@@ -63,7 +63,8 @@ class StoreError(RuntimeError):
 class ShardSchema:
     """What one kind of store holds. format / version: the manifest's tag; made_by: the command that
     writes it (for messages); noun: what a directory of it is called; unit: what a sample is called
-    (plural); shapes: the tensors of a shard."""
+    (plural); shapes: the tensors of a shard; upgrade: completes a manifest written by older code (settings
+    it lacks get the values that code used), so that old directories read, verify and resume as what they are."""
 
     format: str
     version: int
@@ -71,6 +72,7 @@ class ShardSchema:
     noun: str
     unit: str
     shapes: ShapesFn
+    upgrade: Optional[Callable[[dict], dict]] = None
 
 
 def shard_name(k: int) -> str:
@@ -138,7 +140,7 @@ class ShardStore:
         if want is not None and settings_sha256(m.get("settings")) != want:
             raise StoreError(f"{path}: its settings were edited after the build (settings_sha256 does not match); "
                              f"restore them or rebuild the {sc.noun}")
-        return m
+        return sc.upgrade(m) if sc.upgrade is not None else m
 
     def check_shard(self, entry: dict, settings: dict, *, verify_hash: bool) -> None:
         """Raise StoreError naming the shard unless its file exists, has the recorded size (and sha256

@@ -21,6 +21,7 @@ Run directory (`--out`):
     config.json, student.safetensors, student_raw.safetensors, codebook.safetensors   (student_run.py)
     checkpoints/step-XXXXXXXX/{model,ema}.safetensors, optimizer.pt, state.json    (every --ckpt-every)
     metrics.jsonl                                                                  (every --log-every)
+    curves.png     loss terms vs step (plots.update_curves: every 10 log lines, at checkpoints)
 
 student.safetensors / student_raw.safetensors are hard links to the latest checkpoint's ema / model
 files (copies where links are impossible).
@@ -37,13 +38,14 @@ import click
 import torch
 from torch.utils.data import Dataset
 
+from . import plots
 from .dataset import PairDataset
 from .dd_loss import dd_loss, make_emb_loss
 from .distributed import barrier, device_option_check, finish_distributed, init_distributed
 from .fileio import file_sha256, save_state_dict
 from .errors import DDError
 from .pairs import teacher_differences
-from .run_dir import claim_run_dir, publish
+from .run_dir import METRICS_FILE, claim_run_dir, publish
 from .seeding import sample_timestep
 from .student import DDStudent, build_student
 from .student_run import CODEBOOK_FILE, CONFIG_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE, read_run_config, write_run_config
@@ -216,7 +218,9 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
         checkpoint_weights=lambda: {"model": (student.backbone.state_dict(), {"weights": "raw"}),
                                     "ema": (ema.backbone.state_dict(), {"weights": "ema"})},
         checkpoint_state={"train": run_info["train"], "data_manifest_sha256": manifest_sha},
-        on_checkpoint=on_checkpoint, log=log, desc="dd train")
+        on_checkpoint=on_checkpoint, log=log, desc="dd train",
+        on_log=lambda rec: plots.update_curves(out, os.path.join(out, METRICS_FILE), rec["step"], args.log_every,
+                                               args.ckpt_every, args.max_steps, log))
     log(f"done: {max(step, args.max_steps)} steps; student in {out}")
     return last
 

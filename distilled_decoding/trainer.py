@@ -173,13 +173,14 @@ def wrap_ddp(model: torch.nn.Module, device: str, world: int) -> torch.nn.Module
 def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn,
                dataset: Dataset, part_names: Sequence[str], cfg: LoopConfig, out: str, rank: int, world: int,
                device: str, step: int, checkpoint_weights: Callable[[], dict], checkpoint_state: dict,
-               on_checkpoint: Callable[[str, int], None], log: Callable[[str], None], desc: str = "train") -> dict:
+               on_checkpoint: Callable[[str, int], None], log: Callable[[str], None], desc: str = "train",
+               on_log: Optional[Callable[[dict], None]] = None) -> dict:
     """Train `model` from `step` to cfg.max_steps; returns the last metrics record.
 
     dataset: items keyed by (epoch, position); loss_fn(model or its DDP wrapper, batch on the CPU) ->
     (loss, {name in part_names: [B]}); checkpoint_weights() -> save_checkpoint's `weights`;
     checkpoint_state: what state.json holds beside "metrics" and "step"; on_checkpoint(path, step):
-    rank 0, after each checkpoint (publish the run's files).
+    rank 0, after each checkpoint (publish the run's files); on_log(record): rank 0, after each metrics line.
     """
     micro = micro_batch_size(cfg.batch_size, world, cfg.grad_accum)
     dev_type = torch.device(device).type
@@ -241,6 +242,8 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
                         "samples_per_s": n_log * cfg.batch_size / max(now - t_log, 1e-9)}
                 if rank == 0:
                     append_metrics(out, last)
+                    if on_log is not None:
+                        on_log(last)
                 sums.zero_()
                 t_log, n_log = now, 0
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from distilled_decoding.dataset import PairDataset
-from distilled_decoding.dataset_check import verify_dataset
+from distilled_decoding.dataset_check import dataset_info, verify_dataset
 from distilled_decoding.dataset_build import build_dataset
 from distilled_decoding.pairs import DatasetError, generate_pairs, read_manifest
 from distilled_decoding.seeding import sample_labels, sample_noise
@@ -180,6 +180,26 @@ def test_other_settings_refused_and_nothing_lost(tiny_teacher, tmp_path):
         build(tmp_path, t, spec, sampling=resolve_sampling(t, {"top_k": 3}), labels="uniform")
     assert "labels: 'balanced'" in str(e.value) and "flow_map" not in str(e.value)
     build(tmp_path, t, spec, fm_config=FlowMapConfig(nfe=4, mem_budget_mb=1.0))  # memory is not a data setting
+    assert shard_bytes(tmp_path) == before
+
+
+def test_manifest_from_before_grid_scale_reads_as_the_old_map(tiny_teacher, tmp_path):
+    """A manifest written before FlowMapConfig.grid_scale existed was built with the "unit" grid: it reads
+    (and reports) as that, completes with it, recomputes its tokens with it, and refuses the new default."""
+    spec, t = tiny_teacher
+    old_map = FlowMapConfig(nfe=4, grid_scale="unit")
+    build(tmp_path, t, spec, fm_config=old_map)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    for d in (m["settings"]["flow_map"], m["build"]["flow_map"]):
+        del d["grid_scale"]
+    del m["settings_sha256"]          # nor did manifests of that time record a settings hash
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    before = shard_bytes(tmp_path)
+    assert dataset_info(str(tmp_path))["flow_map"]["grid_scale"] == "unit"
+    assert verify_dataset(str(tmp_path), recompute=4, log=lambda s: None) == []
+    build(tmp_path, t, spec, fm_config=old_map)                       # nothing to do: same settings
+    with pytest.raises(DatasetError, match=r"flow_map\.grid_scale: 'unit' .* vs 'codebook' now"):
+        build(tmp_path, t, spec)
     assert shard_bytes(tmp_path) == before
 
 

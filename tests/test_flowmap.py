@@ -15,8 +15,9 @@ from scipy.stats import chi2
 from distilled_decoding import flowmap as fm
 from distilled_decoding.dpm_solver import (SPACINGS, dpm_solver_pp, lambda_of_t, multistep_update,
                                            t_of_lambda, timesteps)
-from distilled_decoding.flowmap import (FlowMapConfig, chunk_rows, denoise, flow_map, nearest_code,
-                                        posterior_logits, reference_flow_map, row_bytes, solve_flow)
+from distilled_decoding.flowmap import (FlowMapConfig, chunk_rows, code_spread, codebook_warning, denoise, flow_map,
+                                        nearest_code, posterior_logits, reference_flow_map, relative_spacing,
+                                        row_bytes, solve_flow)
 
 
 # ---- fixtures: codebooks shaped like the teachers' -----------------------------------------------
@@ -230,7 +231,7 @@ def _case_probs(kind, cb, seed):
 @pytest.mark.parametrize("book", ["llamagen", "var"])
 @pytest.mark.parametrize("kind", ["peaked", "flat", "topk"])
 def test_flow_map_preserves_distribution(book, kind):
-    """2000 noises through the 10-NFE default map land in the coarse bins with p's masses (chi-square,
+    """2000 noises through the default map land in the coarse bins with p's masses (chi-square,
     alpha 1e-3), and never on a code with p = 0. At n = 2000 the check catches (noncentrality ~30)
     a bias of ~3% total variation on the bins if it sits in two bins, ~6% if spread over all."""
     cb = CODEBOOKS[book]()
@@ -241,6 +242,87 @@ def test_flow_map_preserves_distribution(book, kind):
     assert (p[idx] > 0).all()
     stat, limit, tv = _chi2_check(idx, bins, mass)
     assert stat < limit, f"chi2 {stat:.1f} >= {limit:.1f} (TV on the bins {tv:.3f})"
+
+
+def _equal_mass_bins(p, bins=20):
+    """Codes sorted by descending p cut into `bins` slices of equal mass: (bin of each code [V], mass [B])."""
+    order = p.double().argsort(descending=True)
+    cum = p.double()[order].cumsum(0) - p.double()[order]
+    b = torch.empty(len(p), dtype=torch.int64)
+    b[order] = (cum * bins).long().clamp(max=bins - 1)
+    b = b.unique(return_inverse=True)[1]
+    return b, torch.zeros(int(b.max()) + 1, dtype=torch.float64).index_add_(0, b, p.double())
+
+
+OLD_DEFAULTS = FlowMapConfig(nfe=10, grid_scale="unit")   # FlowMapConfig() before issue 14
+
+
+@pytest.mark.parametrize("kind", ["l2", "raw"])
+def test_chi2_old_defaults_fail_new_pass(kind):
+    """χ² over 20 equal-mass bins of p (codes by descending p), alpha 1e-3, on a small codebook of each
+    kind: the old defaults (10 NFE, grid not placed for the codebook's scale) fail it, the defaults pass.
+    l2: 1024 x 4 l2-normalised codes (denser than LlamaGen's, so 10 000 noises show the old map's error
+    that 16384 x 8 shows at ~20 000), p ~ Dirichlet(0.1); measured old p-value 2e-8.
+    raw: 1024 x 32 N(0, 3²) codes (VAR-like, spread 17), p = softmax(2·N(0,1)) top-k 900: the old grid
+    crosses every posterior split in its first step."""
+    g = torch.Generator().manual_seed(0)
+    if kind == "l2":
+        cb = torch.nn.functional.normalize(torch.randn(1024, 4, generator=g), dim=1)
+        p = torch.from_numpy(np.random.default_rng(1).dirichlet(np.full(1024, 0.1))).float()
+        n = 10000
+    else:
+        cb = 3.0 * torch.randn(1024, 32, generator=g)
+        logits = 2.0 * torch.from_numpy(np.random.default_rng(1).standard_normal(1024)).float()
+        logits[logits < logits.topk(900).values[-1]] = -math.inf
+        p = logits.softmax(0)
+        n = 4000
+    bins, mass = _equal_mass_bins(p)
+    eps = torch.randn(n, cb.shape[1], generator=torch.Generator().manual_seed(4))
+    stat_old, limit, tv_old = _chi2_check(solve_flow(eps, p.expand(n, -1), cb, OLD_DEFAULTS, snap=True), bins, mass)
+    stat_new, _, tv_new = _chi2_check(solve_flow(eps, p.expand(n, -1), cb, snap=True), bins, mass)
+    assert stat_old > limit, f"old defaults: chi2 {stat_old:.1f} < {limit:.1f} (TV {tv_old:.3f})"
+    assert stat_new < limit, f"defaults: chi2 {stat_new:.1f} >= {limit:.1f} (TV {tv_new:.3f})"
+
+
+def test_grid_scale_makes_the_map_scale_free():
+    """grid_scale="codebook" shifts the time grid by log(code_spread): the map of k·codebook is the map of
+    the codebook (up to fp32 rounding at cell boundaries), for k from 0.5 to 3; "unit" is not."""
+    g = torch.Generator().manual_seed(0)
+    cb = torch.randn(512, 16, generator=g)
+    p = t_logits_probs(1, 512, 300, seed=2)[0]
+    n = 400
+    eps = torch.randn(n, 16, generator=torch.Generator().manual_seed(3))
+    base = solve_flow(eps, p.expand(n, -1), cb, snap=True)
+    for k in (0.5, 3.0):
+        assert (solve_flow(eps, p.expand(n, -1), k * cb, snap=True) != base).sum() <= 1, k
+    unit = FlowMapConfig(grid_scale="unit")
+    assert (solve_flow(eps, p.expand(n, -1), 3.0 * cb, unit, snap=True) != base).sum() > 10
+    # the grid: λ shifted by exactly −log(spread); spread 1 leaves it bit for bit
+    cfg = FlowMapConfig()
+    lam = lambda ts: torch.log(ts) - torch.log1p(-ts)
+    assert torch.equal(cfg.timesteps(1.0), timesteps(cfg.nfe, cfg.t_start, cfg.t_end, cfg.spacing))
+    assert torch.allclose(lam(cfg.timesteps(7.0)), lam(cfg.timesteps(1.0)) - math.log(7.0), atol=1e-9)
+    assert torch.equal(unit.timesteps(7.0), unit.timesteps(1.0))
+    assert code_spread(3.0 * cb) == pytest.approx(3.0 * code_spread(cb), rel=1e-6)
+
+
+def test_legacy_config_and_codebook_warning():
+    """A recorded config without grid_scale is the map from before it existed ("unit"). The warning names
+    a larger NFE for near-duplicate codes or more codes than validated, and grid_scale='codebook' for the
+    "unit" grid on a codebook far from spread 1."""
+    assert FlowMapConfig.from_dict({"nfe": 10, "unknown": 1}) == FlowMapConfig(nfe=10, grid_scale="unit")
+    assert FlowMapConfig.from_dict(FlowMapConfig().to_dict()) == FlowMapConfig()
+    g = torch.Generator().manual_seed(0)
+    sparse = torch.randn(512, 32, generator=g)                      # VAR-like: relative spacing ~0.7
+    assert codebook_warning(sparse, FlowMapConfig()) is None
+    assert relative_spacing(2.0 * sparse) == pytest.approx(relative_spacing(sparse), rel=1e-9)
+    dense = torch.cat([sparse, sparse[:64] + 1e-3 * torch.randn(64, 32, generator=g)])   # near-duplicates
+    msg = codebook_warning(dense, FlowMapConfig())
+    assert "spacing" in msg and f"--nfe {2 * FlowMapConfig().nfe}" in msg
+    assert codebook_warning(dense, FlowMapConfig(nfe=2 * FlowMapConfig().nfe)) is None
+    big = torch.nn.functional.normalize(torch.randn(16385, 2, generator=g), dim=1)
+    assert "16385 codes" in codebook_warning(big, FlowMapConfig())
+    assert "grid_scale='codebook'" in codebook_warning(10 * sparse, FlowMapConfig(grid_scale="unit"))
 
 
 def test_flow_map_deterministic_across_batching():
@@ -271,14 +353,15 @@ def test_flow_map_agrees_with_dop853_reference():
         p = t_logits_probs(n, cb.shape[0], TOP_K[book], seed=7)
         eps = torch.randn(n, cb.shape[1], generator=torch.Generator().manual_seed(8))
         cfg = FlowMapConfig(nfe=40)
-        ref_idx, ref_x = reference_flow_map(eps, p, cb, t_start=cfg.t_start, t_end=cfg.t_end,
-                                            rtol=1e-9, return_x=True)
+        ts = cfg.timesteps(code_spread(cb))                       # the grid placed for this codebook's scale
+        t_start, t_end = ts[0].item(), ts[-1].item()
+        ref_idx, ref_x = reference_flow_map(eps, p, cb, t_start=t_start, t_end=t_end, rtol=1e-9, return_x=True)
         x = solve_flow(eps, p, cb, cfg)
         assert (x.double() - ref_x).norm(dim=1).max() < 2e-3, book
         assert torch.equal(solve_flow(eps, p, cb, cfg, snap=True), ref_idx), book
-        assert torch.equal(nearest_code(x / cfg.t_end, cb, p), ref_idx), book       # the snap, spelled out
+        assert torch.equal(nearest_code(x / t_end, cb, p), ref_idx), book           # the snap, spelled out
         # the reference started exactly at t = 0 lands on the same codes: the O(t_start) start is harmless
-        assert torch.equal(reference_flow_map(eps, p, cb, t_start=0.0, t_end=cfg.t_end, rtol=1e-9), ref_idx)
+        assert torch.equal(reference_flow_map(eps, p, cb, t_start=0.0, t_end=t_end, rtol=1e-9), ref_idx)
 
 
 def test_memory_budget_respected(monkeypatch):
@@ -313,10 +396,10 @@ def test_memory_budget_respected(monkeypatch):
 def test_config_and_validation():
     cfg = FlowMapConfig()
     assert FlowMapConfig(**cfg.to_dict()) == cfg
-    assert cfg.to_dict()["nfe"] == 10 and cfg.to_dict()["spacing"] in SPACINGS
+    assert cfg.to_dict()["nfe"] == 48 and cfg.to_dict()["spacing"] in SPACINGS
     with pytest.raises(Exception):
         cfg.nfe = 3                                               # frozen
-    for bad in (dict(order=4), dict(spacing="cosine"), dict(variant="taylor"), dict(t_start=0.0),
+    for bad in (dict(order=4), dict(spacing="cosine"), dict(variant="taylor"), dict(grid_scale="x"), dict(t_start=0.0),
                 dict(t_end=1.0), dict(nfe=0), dict(mem_budget_mb=0)):
         with pytest.raises(ValueError):
             FlowMapConfig(**bad)

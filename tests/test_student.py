@@ -327,7 +327,7 @@ def test_training_cuts_the_loss(tiny, tmp_path, family):
     print(f"{family}: loss {first:.4f} -> {final:.4f} (ratio {final / first:.3f}); ce {last['ce']:.3f}, emb {last['emb']:.4f}")
     assert final < 0.35 * first
     run = tmp_path / "run"
-    for f in ("config.json", "student.safetensors", "student_raw.safetensors", "codebook.safetensors"):
+    for f in ("config.json", "student.safetensors", "student_raw.safetensors", "codebook.safetensors", "curves.png"):
         assert (run / f).exists(), f
     info = json.loads((run / "config.json").read_text())
     assert info["step"] == 150 and info["train"]["emb_loss"] == "mse" and info["data"]["num_samples"] == NUM_PAIRS

@@ -82,10 +82,9 @@ def test_classifier_heldout_accuracy(classifier, heldout):
     assert feats.shape == (8, 128)
 
 
-# Class accuracy of teacher samples (default sampling, cfg 2.0), measured: digits-llamagen 0.956 on
-# 500 samples (teachers/zoo/digits-llamagen.json), 0.949 on 1000, 0.93-0.99 on 100 over 3 seeds;
-# digits-var 0.964 on 500, 0.989 on 1000, 0.97-1.00 on 100 over 3 seeds. This test: 100 samples
-# (10 per class), seed 1 (measured 0.95 / 0.97).
+# Class accuracy of teacher samples (default sampling: LlamaGen cfg 2.0, VAR cfg 1.0), measured:
+# digits-llamagen 0.965 and digits-var 0.971 on 1000 samples (teachers/zoo/*.json, "samples"). This
+# test: 100 samples (10 per class), seed 1.
 SAMPLE_ACC_BOUND = 0.8
 
 

@@ -1,24 +1,24 @@
 """Flow-map accuracy and cost (distilled_decoding/flowmap.py) on LlamaGen- and VAR-shaped codebooks.
 
-    python tools/bench_flowmap.py --threads 1                      # both settings, ~3.5 min on 2 CPU cores
-    python tools/bench_flowmap.py --setting var --ref-tokens 64 --tv-tokens 1024 --no-teacher  # ~40 s
-    python tools/bench_flowmap.py --setting var --codebook var_cb.pt   # a real [V, C] codebook (torch.save)
+    python tools/bench_flowmap.py --threads 1                        # the full table; see docs/flowmap.md
+    python tools/bench_flowmap.py --setting var --var-code-std 3 --samples 4000 --ref-tokens 200 --no-teacher
+    python tools/bench_flowmap.py --setting var --codebook var_cb.pt  # a real [V, C] codebook (torch.save)
 
-Settings: "llamagen" = 16384 x 8 l2-normalised random codebook, top-k 8000; "var" = 4096 x 32 raw
-N(0, var_code_std²) codebook, top-k 900 (DD's defaults). Per-token next-token distributions are
-softmax(s·T) with T ~ Student-t(10) per code and s ~ log-uniform[1, 3] per token, top-k masked: top-1
-probability from ~0.02 to ~0.9 (median ~0.2), entropy 1-8 nats (median ~4.5), like a CFG'd image AR.
+Codebooks: "llamagen" = 16384 x 8 l2-normalised random codes; "var" = 4096 x 32 raw N(0, σ²) random codes,
+one per --var-code-std; or a real codebook (--codebook, any [V, C]). Distributions: one fixed p per row,
+softmax(2·N(0,1)) and Dirichlet(0.1) over V, masked like DD's sampling (llamagen top-k 8000; var top-k 900,
+top-p 0.95). For each (codebook, p) and each sampler (the multinomial draw, the default map, the maps of
+--compare, by default the defaults before the change of issue 14) it prints:
 
-Prints, per setting:
-  1. agreement: share of tokens whose `--nfe`-NFE map index equals a float64 DOP853 solve (rtol 1e-10)
-     started exactly at t = 0, per spacing / order / variant / lower_order_final (± binomial s.e.);
-  2. rounding: index flips between the fp32 and fp64 solves, and between one batch and tiny row chunks;
-  3. distribution: total variation on a coarse statistic — the probability-rank octile of the chosen
-     code in its own p (8 slices of equal mass, by descending p) — next to a multinomial draw's TV at
-     the same n (the noise floor), and the mean log p of the chosen code minus its expectation −H(p)
-     (> 0: the map favours likely codes);
-  4. cost: the map's wall time for one AR step's tokens vs one KV-cached teacher step of the same batch
-     (`teachers.load_teacher(...)` random weights; a GPT-L-sized matmul stand-in if that import fails).
+  chi2 p   χ² of --samples draws over 20 equal-mass bins of p (codes sorted by p), df = bins − 1;
+           an exact sampler gives a uniform p-value (the multinomial row shows one at the same n)
+  TV       total variation of those bin frequencies from the bin masses (the multinomial's: the noise floor)
+  agree    share of --ref-tokens noises whose index equals a float64 DOP853 solve (rtol 1e-10) from t = 0
+  gap      mean log p(idx) + H(p) ± s.e., nats (0 for an exact sampler; < 0: unlikely codes favoured)
+
+and, per setting, the default map's fp32-vs-fp64 and batch-shape index flips, and its cost: CPU time of one
+AR step's tokens through the map vs one KV-cached teacher step of GPT-L / VAR-d16 size (random weights,
+step_probs + feed, batch 16 / 2; CPU-time clock, so other processes on the machine do not count).
 """
 from __future__ import annotations
 
@@ -29,88 +29,100 @@ import time
 
 import numpy as np
 import torch
+from scipy.stats import chi2
 
-from distilled_decoding.dpm_solver import SPACINGS
-from distilled_decoding.flowmap import FlowMapConfig, flow_map, nearest_code, reference_flow_map, solve_flow
+from distilled_decoding.flowmap import (FlowMapConfig, code_spread, flow_map, reference_flow_map, relative_spacing,
+                                        solve_flow)
 
 SETTINGS = {
-    # V, C, top-k, l2-normalised codes, teacher (family, config), timed step and its tokens per sample,
-    # the stand-in's (layers, width) if the teacher cannot be built, default batch of the timed step
-    "llamagen": dict(v=16384, c=8, top_k=8000, l2=True, teacher=("llamagen", "GPT-L"), step=128, k=1,
+    # V, C, DD's top-k / top-p, l2-normalised codes, teacher (family, config), timed step, tokens per step,
+    # the stand-in's (layers, width) if the teacher cannot be built, batch of the timed step
+    "llamagen": dict(v=16384, c=8, top_k=8000, top_p=1.0, l2=True, teacher=("llamagen", "GPT-L"), step=128, k=1,
                      standin=(24, 1024), batch=16),
-    "var": dict(v=4096, c=32, top_k=900, l2=False, teacher=("var", "d16"), step=9, k=256,
+    "var": dict(v=4096, c=32, top_k=900, top_p=0.95, l2=False, teacher=("var", "d16"), step=9, k=256,
                 standin=(16, 1024), batch=2),
 }
+P_KINDS = ("softmax(2N)", "Dirichlet(0.1)")
+BINS = 20
 
 
-def make_codebook(setting: str, var_code_std: float, seed: int = 0, path=None) -> torch.Tensor:
-    """The setting's random codebook, or a real one: a [V, C] tensor saved with torch.save (e.g.
+def make_codebook(setting: str, std: float, seed: int = 0, path=None) -> torch.Tensor:
+    """The setting's random codebook [V, C], or a real one saved with torch.save (e.g.
     `torch.save(teacher.codebook, "cb.pt")` for a teacher built from its checkpoints)."""
     s = SETTINGS[setting]
     if path:
-        cb = torch.load(path, map_location="cpu").float()
-        if tuple(cb.shape) != (s["v"], s["c"]):
-            raise SystemExit(f"{path}: codebook {tuple(cb.shape)}, {setting} needs {(s['v'], s['c'])}")
-        return cb
+        cb = torch.load(path, map_location="cpu")
+        if cb.dim() != 2:
+            raise SystemExit(f"{path}: a codebook is [V, C], got {tuple(cb.shape)}")
+        return cb.float()
     cb = torch.randn(s["v"], s["c"], generator=torch.Generator().manual_seed(seed))
-    return torch.nn.functional.normalize(cb, dim=1) if s["l2"] else var_code_std * cb
+    return torch.nn.functional.normalize(cb, dim=1) if s["l2"] else std * cb
 
 
-def realistic_probs(n: int, v: int, top_k: int, seed: int) -> torch.Tensor:
-    """[n, V]: softmax(s·T), T ~ Student-t(10) iid, s ~ log-uniform[1, 3] per row, top-k masked."""
+def masked_probs(kind: str, v: int, top_k: int, top_p: float, seed: int) -> torch.Tensor:
+    """p [V]: softmax(2·N(0,1)) or Dirichlet(0.1), then top-k and top-p masked (as teachers.sampling does:
+    keep a code while the mass before it is < top_p) and renormalised."""
     rng = np.random.default_rng(seed)
-    logits = torch.from_numpy(rng.standard_t(10.0, (n, v)) * np.exp(rng.uniform(0, math.log(3), (n, 1))))
-    kth = logits.topk(top_k, 1).values[:, -1:]
-    return logits.masked_fill(logits < kth, -math.inf).softmax(1).float()
+    if kind == "softmax(2N)":
+        p = torch.from_numpy(2.0 * rng.standard_normal(v)).softmax(0)
+    else:
+        p = torch.from_numpy(rng.dirichlet(np.full(v, 0.1)))
+    sp, order = p.sort(descending=True)
+    keep = (torch.arange(v) < top_k) & (sp.cumsum(0) - sp < top_p)
+    p = torch.zeros(v, dtype=torch.float64).index_copy_(0, order, torch.where(keep, sp, torch.zeros_like(sp)))
+    return (p / p.sum()).float()
 
 
-def sweep_configs(nfe: int):
-    """(label, FlowMapConfig) for every spacing x order (x variant, x lower_order_final)."""
-    out = []
-    for sp in SPACINGS:
-        for order in (1, 2, 3):
-            for lof in ((True,) if order == 1 else (True, False)):
-                for var in (("exact", "official") if order == 3 else ("exact",)):
-                    label = f"{sp:<14} o{order} {var:<8} {'lof' if lof and order > 1 else '   '}"
-                    out.append((label, FlowMapConfig(nfe=nfe, order=order, spacing=sp, variant=var,
-                                                     lower_order_final=lof)))
-    return out
+def equal_mass_bins(p: torch.Tensor, bins: int = BINS):
+    """Codes sorted by descending p cut into `bins` slices of equal mass: (bin of each code [V], mass [B]).
+    A code heavier than 1/bins leaves some slices empty; they are dropped."""
+    pd = p.double()
+    order = pd.argsort(descending=True)
+    cum = pd[order].cumsum(0) - pd[order]
+    b = torch.empty(len(p), dtype=torch.int64)
+    b[order] = (cum * bins).long().clamp(max=bins - 1)
+    b = b.unique(return_inverse=True)[1]
+    return b, torch.zeros(int(b.max()) + 1, dtype=torch.float64).index_add_(0, b, pd)
 
 
-def rank_octile(probs: torch.Tensor, idx: torch.Tensor):
-    """Octile (0..7) of each chosen code in its own p, and each row's mass per octile: [N], [N, 8]."""
-    sp, order = probs.double().sort(1, descending=True)
-    mid = sp.cumsum(1) - 0.5 * sp                                    # centre of each code's mass slice
-    octile = (mid * 8).long().clamp(max=7)                           # [N, V] in sorted order
-    mass = torch.zeros(probs.shape[0], 8, dtype=torch.float64).scatter_add_(1, octile, sp)
-    rank = (order == idx[:, None]).long().argmax(1)
-    return octile.gather(1, rank[:, None])[:, 0], mass
+def sample_stats(p: torch.Tensor, idx: torch.Tensor) -> dict:
+    """χ² p-value and TV of idx [n] over the equal-mass bins of p [V], and mean log p(idx) + H(p) ± s.e."""
+    b, mass = equal_mass_bins(p)
+    n = idx.numel()
+    counts = torch.bincount(b[idx], minlength=len(mass)).double()
+    stat = ((counts - n * mass) ** 2 / (n * mass)).sum().item()
+    logp = p.double().clamp_min(1e-300).log()
+    gap = logp[idx] + -(p.double() * logp).sum()
+    return {"chi2_p": chi2.sf(stat, len(mass) - 1), "tv": 0.5 * (counts / n - mass).abs().sum().item(),
+            "gap": gap.mean().item(), "gap_se": gap.std().item() / math.sqrt(n)}
 
 
-def tv_stats(probs: torch.Tensor, idx: torch.Tensor):
-    """(TV of the octile histogram vs its expectation, mean log p(idx) + H(p), its s.e.)."""
-    oc, mass = rank_octile(probs, idx)
-    freq = torch.bincount(oc, minlength=8).double() / len(idx)
-    tv = 0.5 * (freq - mass.mean(0)).abs().sum().item()
-    logp = probs.double().clamp_min(1e-300).log()
-    ent = -(probs.double() * logp).sum(1)
-    gap = logp.gather(1, idx[:, None])[:, 0] + ent
-    return tv, gap.mean().item(), gap.std().item() / math.sqrt(len(idx))
+def parse_config(spec: str) -> FlowMapConfig:
+    """"nfe=10,grid_scale=unit" -> FlowMapConfig (the other fields at their defaults)."""
+    d = FlowMapConfig().to_dict()
+    for item in filter(None, spec.split(",")):
+        k, v = item.split("=")
+        d[k] = type(d[k])(v == "True" if isinstance(d[k], bool) else v)
+    return FlowMapConfig(**d)
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` calls (after one warm-up call)."""
+def describe(cfg: FlowMapConfig) -> str:
+    return f"{cfg.nfe} NFE {cfg.spacing} o{cfg.order} grid_scale={cfg.grid_scale}"
+
+
+def cpu_timed(fn, repeats: int) -> float:
+    """Median CPU seconds of fn() over `repeats` calls (after one warm-up call)."""
     fn()
     ts = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        ts.append(time.perf_counter() - t0)
+        ts.append(time.process_time() - t0)
     return statistics.median(ts)
 
 
-def teacher_step_time(setting: str, batch: int, device: str, use_teacher: bool, repeats: int):
-    """(description, median seconds of one KV-cached teacher step, that step's probs [B, k, V]).
+def teacher_step_time(setting: str, batch: int, use_teacher: bool, repeats: int):
+    """(description, median CPU seconds of one KV-cached teacher step, that step's probs [B, k, V]).
 
     One prefill up to the setting's step, then up to `repeats` successive steps of the same size
     (step_probs + feed); VAR's last scale is a single step, so it is timed once."""
@@ -119,18 +131,18 @@ def teacher_step_time(setting: str, batch: int, device: str, use_teacher: bool, 
         try:
             from teachers import load_teacher
             torch.manual_seed(0)
-            teacher = load_teacher(*s["teacher"], device=device)
+            teacher = load_teacher(*s["teacher"], device="cpu")
             sampling = teacher.default_sampling
-            labels = torch.randint(0, teacher.num_classes, (batch,), device=device)
-            prefix = torch.randint(0, teacher.vocab_size, (batch, teacher.step_offsets[s["step"]]), device=device)
+            labels = torch.randint(0, teacher.num_classes, (batch,))
+            prefix = torch.randint(0, teacher.vocab_size, (batch, teacher.step_offsets[s["step"]]))
             state = teacher.start(labels, sampling, prefix=prefix)
             k = teacher.step_sizes[s["step"]]
             times, probs = [], None
             while len(times) < repeats and state.step < teacher.num_steps and teacher.step_sizes[state.step] == k:
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 p = teacher.step_probs(state)
                 teacher.feed(state, p.argmax(-1))
-                times.append(time.perf_counter() - t0)
+                times.append(time.process_time() - t0)
                 probs = p if probs is None else probs
             desc = (f"{s['teacher'][0]} {s['teacher'][1]} random weights, step {s['step']} ({k} tokens/sample), "
                     f"cfg {sampling.cfg_scale}, median of {len(times)}")
@@ -141,8 +153,7 @@ def teacher_step_time(setting: str, batch: int, device: str, use_teacher: bool, 
     layers, d = s["standin"]
     rows = 2 * batch * s["k"]
     w = [torch.randn(d, 3 * d) / 32, torch.randn(d, d) / 32, torch.randn(d, 8 * d) / 32, torch.randn(4 * d, d) / 64]
-    w, head = [t.to(device) for t in w], (torch.randn(d, s["v"]) / 32).to(device)
-    x = torch.randn(rows, d, device=device)
+    head, x = torch.randn(d, s["v"]) / 32, torch.randn(rows, d)
 
     def step():
         h = x
@@ -152,113 +163,109 @@ def teacher_step_time(setting: str, batch: int, device: str, use_teacher: bool, 
             h = h + (torch.nn.functional.silu(a) * b) @ w[3]
         (h @ head).softmax(1)
 
-    probs = realistic_probs(batch * s["k"], s["v"], s["top_k"], seed=99).view(batch, s["k"], s["v"])
-    return (f"stand-in: {layers}-layer width-{d} matmuls on {rows} rows (no attention)", timed(step, repeats),
-            probs.to(device))
+    probs = torch.stack([masked_probs("softmax(2N)", s["v"], s["top_k"], s["top_p"], seed=99 + i)
+                         for i in range(batch * s["k"])]).view(batch, s["k"], s["v"])
+    return (f"stand-in: {layers}-layer width-{d} matmuls on {rows} rows (no attention)", cpu_timed(step, repeats),
+            probs)
 
 
-def bench_setting(setting: str, a) -> None:
+def bench_codebook(setting: str, cb: torch.Tensor, label: str, a, configs) -> None:
     s = SETTINGS[setting]
-    cb = make_codebook(setting, a.var_code_std, path=a.codebook)
-    desc = f"{s['v']}x{s['c']} " + (f"from {a.codebook}" if a.codebook else
-                                    "l2-normalised" if s["l2"] else f"raw N(0, {a.var_code_std}^2)")
-    print(f"\n=== {setting}: codebook {desc}, top-k {s['top_k']}, {a.nfe} NFE ===")
+    v, c = cb.shape
+    top_k = min(s["top_k"], v)
+    default = configs[0][1]
+    print(f"\n=== {setting}: codebook {v}x{c} {label}, spread {code_spread(cb):.3g}, nearest-neighbour "
+          f"distance 1% quantile / spread {relative_spacing(cb):.3f}; top-k {top_k}, top-p {s['top_p']} ===")
+    print(f"{'p':<15} {'sampler':<58} {'chi2 p':>8} {'TV':>7} {'agree':>8} {'log p(idx) + H':>18}  time")
+    for pk, kind in enumerate(P_KINDS):
+        p = masked_probs(kind, v, top_k, s["top_p"], seed=1 + pk)
+        sup = p > 0
+        ent = -(p[sup].double() * p[sup].double().log()).sum().item()
+        head = f"{kind:<15}"
+        n = a.samples
+        draw = torch.multinomial(p, n, replacement=True, generator=torch.Generator().manual_seed(5 + pk))
+        st = sample_stats(p, draw)
+        print(f"{head} {'multinomial (support ' + str(int(sup.sum())) + ', H ' + f'{ent:.2f})':<58} "
+              f"{st['chi2_p']:>8.3g} {st['tv']:>7.4f} {'-':>8} {st['gap']:>+9.4f} ± {st['gap_se']:.4f}")
+        eps_ref = torch.randn(a.ref_tokens, c, generator=torch.Generator().manual_seed(2))
+        t0 = time.process_time()
+        ref = reference_flow_map(eps_ref, p.expand(a.ref_tokens, -1), cb, t_start=0.0, t_end=1.0 - 1e-5,
+                                 rtol=1e-10, progress=a.progress)
+        t_ref = time.process_time() - t0
+        eps = torch.randn(n, c, generator=torch.Generator().manual_seed(4))
+        for name, cfg in configs:
+            t0 = time.process_time()
+            idx = torch.cat([solve_flow(e, p.expand(len(e), -1), cb, cfg, snap=True) for e in eps.split(4096)])
+            t_map = time.process_time() - t0
+            st = sample_stats(p, idx)
+            agree = (solve_flow(eps_ref, p.expand(a.ref_tokens, -1), cb, cfg, snap=True) == ref).double().mean()
+            print(f"{head} {name + ' (' + describe(cfg) + ')':<58} {st['chi2_p']:>8.3g} {st['tv']:>7.4f} "
+                  f"{100 * agree.item():>7.2f}% {st['gap']:>+9.4f} ± {st['gap_se']:.4f}  {t_map:.0f}s")
+        print(f"{'':<15} (agreement over {a.ref_tokens} tokens, s.e. ~{100 * math.sqrt(0.005 * 0.995 / a.ref_tokens):.2f}"
+              f" pts at 99.5%; DOP853 {t_ref:.0f}s)")
+    # rounding and batch invariance of the default on the last p
+    f64 = solve_flow(eps_ref, p.expand(a.ref_tokens, -1), cb, default, snap=True, dtype=torch.float64)
+    base = solve_flow(eps_ref, p.expand(a.ref_tokens, -1), cb, default, snap=True)
+    tiny = flow_map(eps_ref[:, None], p.expand(a.ref_tokens, 1, -1), cb,
+                    FlowMapConfig(**dict(default.to_dict(), mem_budget_mb=2.0)))[:, 0]
+    print(f"rounding ({a.ref_tokens} tokens, default): fp32 vs fp64 index flips {(base != f64).sum().item()}; "
+          f"one batch vs 1-token rows in 2 MiB chunks {(base != tiny).sum().item()}")
 
-    # 1. agreement with the exact map ---------------------------------------------------------------
-    t_sec = time.perf_counter()
-    n = a.ref_tokens
-    probs = realistic_probs(n, s["v"], s["top_k"], seed=1)
-    eps = torch.randn(n, s["c"], generator=torch.Generator().manual_seed(2))
-    top1 = probs.max(1).values
-    ent = -(probs * probs.clamp_min(1e-30).log()).sum(1)
-    print(f"p: top-1 median {top1.median():.3f} (10-90%: {top1.quantile(0.1):.3f}-{top1.quantile(0.9):.3f}), "
-          f"entropy median {ent.median():.2f} nats")
-    t0 = time.perf_counter()
-    ref = reference_flow_map(eps, probs, cb, t_start=0.0, t_end=FlowMapConfig().t_end, rtol=1e-10, progress=True)
-    print(f"1. agreement with DOP853 from t=0 (rtol 1e-10, {n} tokens, {time.perf_counter() - t0:.0f}s); "
-          f"s.e. ~{100 * math.sqrt(0.05 * 0.95 / n):.1f} pts at 95%")
-    print("   (off-support: tokens whose x(t_end)/t_end is nearest to a code with p = 0; the map then snaps "
-          "to the nearest code with p > 0)")
-    default = FlowMapConfig(nfe=a.nfe)
-    for label, cfg in sweep_configs(a.nfe):
-        y = solve_flow(eps, probs, cb, cfg) / cfg.t_end
-        agree = (nearest_code(y, cb, probs) == ref).double().mean().item()        # = flow_map's index
-        off = (probs.gather(1, nearest_code(y, cb)[:, None]) == 0).sum().item()
-        mark = "  <- default" if cfg == default else ""
-        print(f"   {label} {100 * agree:6.1f}%  off-support {off}{mark}")
-    for nfe in a.extra_nfe:
-        agree = (solve_flow(eps, probs, cb, FlowMapConfig(nfe=nfe), snap=True) == ref).double().mean().item()
-        print(f"   default at {nfe} NFE: {100 * agree:.1f}%")
-    start = reference_flow_map(eps, probs, cb, t_start=default.t_start, t_end=default.t_end, rtol=1e-10,
-                               progress=True)
-    print(f"   DOP853 from x(t_start)=eps vs from t=0: {100 * (start == ref).double().mean():.1f}% agree")
 
-    # 2. rounding ----------------------------------------------------------------------------------------
-    base = solve_flow(eps, probs, cb, default, snap=True)
-    f64 = solve_flow(eps, probs, cb, default, snap=True, dtype=torch.float64)
-    tiny = flow_map(eps[:, None], probs[:, None], cb, FlowMapConfig(nfe=a.nfe, mem_budget_mb=2.0))[:, 0]
-    v_other = solve_flow(eps, probs, cb, default, snap=True, v_chunk=1000)
-    print(f"   [section 1: {time.perf_counter() - t_sec:.0f}s]")
-    print(f"2. rounding: fp32 vs fp64 flips {(base != f64).sum().item()}/{n}; one batch vs tiny row chunks "
-          f"{(base != tiny).sum().item()}/{n}; V chunk 4096 vs 1000 {(base != v_other).sum().item()}/{n}")
-
-    # 3. distribution ------------------------------------------------------------------------------------
-    m = a.tv_tokens
-    probs = realistic_probs(m, s["v"], s["top_k"], seed=3)
-    eps = torch.randn(m, s["c"], generator=torch.Generator().manual_seed(4))
-    draw = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5))[:, 0]
-    tv, gap, se = tv_stats(probs, draw)
-    print(f"3. distribution over {m} tokens (rank-octile TV; mean log p(idx) + H):")
-    print(f"   {'multinomial (noise floor)':<36} TV {tv:.4f}  gap {gap:+.3f} ± {se:.3f} nats")
-    for label, cfg in [(f"default ({default.spacing} o3 exact lof)", default),
-                       ("time_quadratic o2", FlowMapConfig(nfe=a.nfe, order=2)),
-                       ("logsnr o3", FlowMapConfig(nfe=a.nfe, spacing="logsnr")),
-                       ("time_uniform o3", FlowMapConfig(nfe=a.nfe, spacing="time_uniform")),
-                       ("time_quadratic o3 official", FlowMapConfig(nfe=a.nfe, variant="official"))]:
-        t0 = time.perf_counter()
-        tv, gap, se = tv_stats(probs, solve_flow(eps, probs, cb, cfg, snap=True))
-        print(f"   {label:<36} TV {tv:.4f}  gap {gap:+.3f} ± {se:.3f} nats  ({time.perf_counter() - t0:.0f}s)")
-
-    # 4. cost ------------------------------------------------------------------------------------------
-    t_sec = time.perf_counter()
-    desc, t_teacher, tprobs = teacher_step_time(setting, a.batch or s["batch"], a.device, a.teacher, a.repeats)
-    b, k, v = tprobs.shape
-    teps = torch.randn(b, k, s["c"], generator=torch.Generator().manual_seed(6)).to(tprobs.device)
-    tcb = cb.to(tprobs.device)
-    t_map = timed(lambda: flow_map(teps, tprobs, tcb, default), a.repeats)
-    print(f"4. cost, batch {b} x {k} tokens: flow map {1e3 * t_map:.1f} ms vs teacher step "
-          f"{1e3 * t_teacher:.1f} ms -> map/step = {t_map / t_teacher:.2f} ({desc}; "
-          f"{torch.get_num_threads()} threads, {a.device}) [section 4: {time.perf_counter() - t_sec:.0f}s]")
+def bench_cost(setting: str, cb: torch.Tensor, a, default: FlowMapConfig) -> None:
+    s = SETTINGS[setting]
+    desc, t_teacher, tprobs = teacher_step_time(setting, a.batch or s["batch"], a.teacher, a.repeats)
+    b, k, _ = tprobs.shape
+    teps = torch.randn(b, k, cb.shape[1], generator=torch.Generator().manual_seed(6))
+    t_map = cpu_timed(lambda: flow_map(teps, tprobs.float(), cb, default), a.repeats)
+    print(f"cost {setting}, batch {b} x {k} tokens: flow map ({describe(default)}) {1e3 * t_map:.1f} ms vs teacher "
+          f"step {1e3 * t_teacher:.1f} ms CPU -> map/step = {t_map / t_teacher:.3f} ({desc}; "
+          f"{torch.get_num_threads()} threads)")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=list(SETTINGS) + ["all"], default="all")
-    p.add_argument("--nfe", type=int, default=FlowMapConfig().nfe)
-    p.add_argument("--extra-nfe", type=int, nargs="*", default=[20], help="also score the default at these NFE")
-    p.add_argument("--ref-tokens", type=int, default=256, help="tokens solved with DOP853 (section 1-2)")
-    p.add_argument("--tv-tokens", type=int, default=4096, help="tokens for the distribution check")
-    p.add_argument("--var-code-std", type=float, default=0.1, help="std of the VAR-like raw codebook")
+    p.add_argument("--samples", type=int, default=20000, help="draws per p for chi2 / TV / gap")
+    p.add_argument("--ref-tokens", type=int, default=2000, help="noises per p solved with DOP853 (agreement)")
+    p.add_argument("--var-code-std", type=float, nargs="+", default=[0.5, 1.0, 3.0],
+                   help="std of the VAR-like raw random codebooks")
     p.add_argument("--codebook", default=None,
-                   help="a real [V, C] codebook (torch.save'd tensor) instead of the random one; needs --setting")
-    p.add_argument("--batch", type=int, default=None,
-                   help="batch of the timed step (section 4; default llamagen 16, var 2)")
+                   help="a real [V, C] codebook (torch.save'd tensor) instead of the random ones; needs --setting")
+    p.add_argument("--config", default="", help="the map under test: FlowMapConfig fields, e.g. 'nfe=32' "
+                   "(default: FlowMapConfig's defaults)")
+    p.add_argument("--compare", nargs="*", default=["nfe=10,grid_scale=unit"],
+                   help="more maps to score (default: the defaults before issue 14)")
+    p.add_argument("--batch", type=int, default=None, help="batch of the timed step (default llamagen 16, var 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
     p.add_argument("--no-teacher", dest="teacher", action="store_false",
                    help="time the matmul stand-in instead of building the random-weight teacher")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-cost", dest="cost", action="store_false", help="skip the cost section")
+    p.add_argument("--no-accuracy", dest="accuracy", action="store_false", help="only the cost section")
+    p.add_argument("--progress", action="store_true", help="progress bars for the DOP853 reference")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     if a.codebook and a.setting == "all":
         p.error("--codebook needs --setting llamagen or --setting var")
     if a.threads:
         torch.set_num_threads(a.threads)
+    default = parse_config(a.config)
+    configs = [("default" if not a.config else "map", default)] + [(f"compare {i + 1}", parse_config(c))
+                                                                    for i, c in enumerate(a.compare)]
     t0 = time.perf_counter()
     with torch.inference_mode():
         for setting in SETTINGS:
-            if a.setting in ("all", setting):
-                bench_setting(setting, a)
-    print(f"\ntotal {time.perf_counter() - t0:.0f}s")
+            if a.setting not in ("all", setting):
+                continue
+            stds = [None] if a.codebook or SETTINGS[setting]["l2"] else a.var_code_std
+            for std in stds:
+                cb = make_codebook(setting, std, path=a.codebook)
+                label = f"from {a.codebook}" if a.codebook else "l2-normalised" if std is None else f"N(0, {std}^2)"
+                if a.accuracy:
+                    bench_codebook(setting, cb, label, a, configs)
+            if a.cost:
+                bench_cost(setting, cb, a, default)
+    print(f"\ntotal {time.perf_counter() - t0:.0f}s wall")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""The README's digits table: the demo pipeline for both families at a larger budget (not in CI).
+"""The README's digits table: the demo pipeline for both families (not in CI).
 
-    python tools/run_table.py                       # both families, size "large"
-    python tools/run_table.py --size default --out demo_out   # re-use `make demo`'s finished runs
+    python tools/run_table.py --size default --out demo_out   # = `make demo` for both families
+    python tools/run_table.py                                 # both families, size "large"
 
-Writes results/digits_table.md (one Table-1 block per family, plus the stage times) and
-results/compare_<family>.png (rows teacher / DD 1-step / DD 2-step / teacher-mixed), then quotes the
-table in README.md between its BEGIN/END markers (tests/test_docs.py checks that the two agree).
+Writes results/digits_table.md (one quality table per family, see distilled_decoding/quality.py,
+plus the stage times), and per family results/compare_<family>.png (rows teacher / DD 1-step /
+DD 2-step / teacher-mixed), results/tradeoff_<family>.png (g and FID vs ms / image) and
+results/curves_<family>.png (the student's loss terms vs step), then quotes the table in README.md
+between its BEGIN/END markers (tests/test_docs.py checks that the two agree). Finished data sets and
+runs in --out are re-used (both resume); samples and evaluation are always redone.
 """
 from __future__ import annotations
 
@@ -50,21 +53,30 @@ def main() -> None:
     args = ap.parse_args()
 
     os.makedirs(args.results, exist_ok=True)
-    blocks = []
+    blocks, minutes = [], []
     for fam in args.family:
         info = run_demo(fam, os.path.join(args.out, fam), SIZES[args.size][fam], seed=args.seed, device=args.device)
-        grid = os.path.join(args.results, f"compare_{fam}.png")
-        shutil.copyfile(info["compare"], grid)
+        pics = {}
+        for kind in ("compare", "tradeoff", "curves"):
+            pics[kind] = os.path.join(args.results, f"{kind}_{fam}.png")
+            shutil.copyfile(info[kind], pics[kind])
         s = info["seconds"]
-        # a finished data set / run in --out is re-used (both resume), so these may be ~0
+        minutes.append(f"{fam} {s['total'] / 60:.1f} min")
         blocks.append(f"{info['table']}\n\nThis invocation: build-dataset {s['build_dataset']:.0f} s, "
-                      f"train {s['train']:.0f} s, whole run {s['total']:.0f} s (finished stages in --out are "
-                      f"re-used). Grid: `{os.path.basename(grid)}`.")
+                      f"train {s['train']:.0f} s, sampling + evaluation {s['sample_and_eval']:.0f} s, whole "
+                      f"pipeline {s['total']:.0f} s ({s['total'] / 60:.1f} min; finished stages in --out are re-used, "
+                      f"so a re-run's may be ~0). Pictures: `{os.path.basename(pics['compare'])}` (grid), "
+                      f"`{os.path.basename(pics['tradeoff'])}` (quality vs speed), "
+                      f"`{os.path.basename(pics['curves'])}` (training curves).")
     cmd = "python tools/run_table.py " + " ".join(sys.argv[1:])
     header = (f"# Distilled Decoding on the digits teachers\n\nMade by `{cmd.strip()}` on "
-              f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads, "
+              f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} thread(s), "
               f"torch {torch.__version__}, device {args.device}). ms / image is the model time per image "
-              "(no VQ decoding) at the sampling batch size; speed-up is relative to the teacher row.\n")
+              "(no VQ decoding) at the sampling batch size; speed-up is relative to the teacher row. "
+              "g = (FID vs teacher − floor) / (FID vs teacher of onestep* − floor), from the printed means: "
+              "0 is as good as an independent draw of the teacher, 1 no better than independent tokens. "
+              f"Whole pipeline per family in this invocation (`make demo` minus the venv set-up, budget 10 "
+              f"min on 2 CPU cores): {', '.join(minutes)}.\n")
     path = os.path.join(args.results, "digits_table.md")
     table = header + "\n" + "\n\n".join(blocks) + "\n"
     with open(path, "w") as f:

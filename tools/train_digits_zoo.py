@@ -1,37 +1,59 @@
 """Train the tiny digits zoo (teachers/zoo): two tokenizers, two AR teachers and a classifier.
 
-    python tools/train_digits_zoo.py                       # train everything, write teachers/zoo/*
+    python tools/train_digits_zoo.py --device cuda --only vq gpt --probe 1000 --eval-per-class 100
+    python tools/train_digits_zoo.py --device cuda --only vqvae var --probe 1000 --eval-per-class 100
+    python tools/train_digits_zoo.py                       # everything (classifier too), on the CPU
     python tools/train_digits_zoo.py --eval-only --samples-png /tmp/zoo_samples.png
+
+The two `--device cuda` lines made the shipped teachers (each JSON records its command and device;
+they ran at once on one H200, each in its own copy of the tree); the shipped classifier is the
+earlier CPU one (`--only` loads the phases it does not train from teachers/zoo).
 
 Data: scikit-learn's bundled digits (`teachers.zoo.digits_data`): 8x8 images scaled to [0, 1],
 upscaled bilinearly to 16x16 and replicated to 3 channels; train = the first 1500 images of
 `load_digits()` in its bundled order, held-out test = the last 297. Augmentation: integer pixel
-shifts (zero fill) of the 16x16 images.
+shifts (zero fill) of the 16x16 images, up to --gpt-shift (1) / --var-shift (2) pixels.
 
 What is trained, in order (each phase reseeds from --seed, so phases are reproducible on their own):
   1. classifier   DigitsClassifier CNN, random shifts of up to 2 px; FID features = its 128-d
                   pre-activation penultimate layer, class accuracy = its logits.
   2. vq           LlamaGen-layout VQ (`VQModel`): 16x16 -> 8x8 = 64 tokens, l2-normalised codebook
                   (C = 8), MSE + codebook/commitment losses with a straight-through estimator,
-                  unused codes restarted from encoder outputs.
+                  unused codes restarted from encoder outputs; random shifts up to --gpt-shift.
   3. vqvae        VAR-layout multi-scale VQ-VAE (`VQVAE`): 16x16 -> f 8x8, patch_nums (1,2,3,4,6,8);
                   the official `VectorQuantizer2` training forward (residual quantisation over the
-                  scales, beta-weighted f_hat losses, straight-through), unused codes restarted.
+                  scales, beta-weighted f_hat losses, straight-through), unused codes restarted;
+                  random shifts up to --var-shift.
   4. gpt          LlamaGen-layout class-conditional GPT on the VQ tokens of the train split under
-                  the 9 shifts in {-1, 0, 1}^2, class dropout 0.1 (null class = 10) so CFG works.
-  5. var          VAR-layout transformer on the VQ-VAE tokens, same data, cond drop 0.1.
-Then samples of both teachers (their default sampling) are classified, and everything is written to
-teachers/zoo/: digits-{llamagen,var,classifier}.{safetensors,json}.
+                  every shift in [-1, 1]^2 (9 copies), class dropout 0.1 (null class = 10) so CFG works.
+  5. var          VAR-layout transformer on the VQ-VAE tokens of every shift in [-2, 2]^2 (25 copies),
+                  cond drop 0.1.
+Then samples of both teachers (their default sampling) are classified and, with --probe N,
+tools/dependence_probe.py measures how much each teacher needs its inter-token dependence
+(onestep*'s FID vs an independent teacher draw, over the teacher-vs-teacher floor); everything is
+written to teachers/zoo/: digits-{llamagen,var,classifier}.{safetensors,json}.
 
-Cost (measured, default settings, 1 thread, machine otherwise quiet): 543 s wall / 535 s CPU in all
-(classifier 26 s, VQ 65 s, VQ-VAE 55 s, GPT 197 s incl. encoding the 13.5k augmented images,
-VAR 184 s, sample evaluation 14 s). Results: classifier 98.3% held-out; held-out reconstruction MSE
-8.7e-4 (VQ, 30.6 dB) and 1.7e-3 (VQ-VAE, 27.7 dB); held-out NLL 1.93 (GPT) and 1.94 (VAR)
-nats/token; samples classified as their label 95.6% (LlamaGen) and 96.4% (VAR), 500 each.
+Why the VAR teacher sees +-2 px shifts (issue 12): trained like the LlamaGen one (+-1 px), the VAR
+teacher's coarse scales (1, 4, 9, 16 tokens) already fix the digit given its class, so sampling
+every token from its class-conditional marginal (onestep*) came within 2-3x of the teacher's own
+floor (FID 10.5 vs 5.1). With +-2 px the position of the strokes varies within a class; each
+token's marginal then blends strokes of differently shifted digits and onestep* fails (FID 128 vs
+floor 6.3, 20x) while the teacher stays good. Other candidates measured on the GPU (same probe,
+cfg 2.0): patch_nums (1,2,4,8) 13.6x but FID vs held-out digits 99; code dim 4: 21x, FID 93; 4-layer
+GPT: 18.9x, FID 72. VAR samples at cfg 1.0 (see VAR_SAMPLING).
+
+Cost: on one H200 (`--device cuda`, the two runs above at once) 105 s (LlamaGen: VQ 25 s, GPT
+4000 steps 73 s) and 73 s (VAR: VQ-VAE 31 s, VAR 1500 steps 37 s); on the CPU (1 thread, quiet
+machine) the earlier 1600/500-step settings took 543 s in all, so these ~2x more. Results of the
+shipped teachers: held-out reconstruction MSE 8.6e-4 (VQ, 30.7 dB) and 1.3e-3 (VQ-VAE, 28.7 dB);
+held-out NLL 1.83 (GPT) and 1.57 (VAR) nats/token; samples classified as their label 96.5%
+(LlamaGen, cfg 2.0) and 97.1% (VAR, cfg 1.0), 1000 each; onestep* over floor 13.9x and 20.1x.
 
 Determinism: fixed seeds, `torch.use_deterministic_algorithms(True)` and a fixed thread count
 (--threads, default 1: on a shared 2-core machine two OpenMP threads spin-wait and run
-3-10x slower). Bit-identical weights need the same torch build and thread count.
+3-10x slower). Bit-identical weights need the same torch build and thread count; on CUDA some
+backward kernels have no deterministic version (best effort: the GPT run repeated bit for bit, the
+VAR run did not).
 """
 from __future__ import annotations
 
@@ -58,6 +80,9 @@ from teachers import zoo                                                # noqa: 
 from teachers.zoo import DATA_RULE, DigitsClassifier, digits_data       # noqa: E402
 
 PATCH_NUMS = (1, 2, 3, 4, 6, 8)
+# Where tensors live. Generators stay on the CPU (same random streams on every device); what they
+# draw is moved here.
+DEVICE = torch.device("cpu")
 
 # ---- configs (official hyper-parameter names) ---------------------------------------------------
 CLASSIFIER_CONFIG = dict(c1=32, c2=64, feature_dim=128, num_classes=10)
@@ -76,7 +101,10 @@ VAR_CONFIG = dict(depth=3, embed_dim=64, num_heads=4, mlp_ratio=4.0, norm_eps=1e
 
 # DD's teacher sampling on these teachers (see the JSON's "sampling_note").
 LLAMAGEN_SAMPLING = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0)
-VAR_SAMPLING = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=0.95)
+# VAR: guidance 1.0 under VAR's linear ramp (1 at the first scale, 2 at the last). On the +-2 px shifted
+# data the paper's 2.0 collapses samples toward a few centred modes (FID vs held-out digits 92 vs 71,
+# measured by tools/dependence_probe.py on the same weights).
+VAR_SAMPLING = SamplingConfig(cfg_scale=1.0, temperature=1.0, top_k=0, top_p=0.95)
 
 
 def log(*a):
@@ -112,7 +140,7 @@ def random_shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.T
     """Per-image random integer shift in [-max_shift, max_shift]^2."""
     if max_shift == 0:
         return x
-    s = torch.randint(-max_shift, max_shift + 1, (x.shape[0], 2), generator=g)
+    s = torch.randint(-max_shift, max_shift + 1, (x.shape[0], 2), generator=g).to(x.device)
     out = torch.empty_like(x)
     for dy in range(-max_shift, max_shift + 1):
         for dx in range(-max_shift, max_shift + 1):
@@ -154,14 +182,14 @@ def batches(n: int, bs: int, g: torch.Generator):
 # ---- 1. classifier ------------------------------------------------------------------------------
 def train_classifier(args, xtr, ytr, xte, yte):
     g = seed_all(args.seed + 1)
-    model = DigitsClassifier(**CLASSIFIER_CONFIG)
+    model = DigitsClassifier(**CLASSIFIER_CONFIG).to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     it = batches(len(xtr), 64, g)
     for step in range(args.clf_steps):
         set_lr(opt, cosine_lr(step, args.clf_steps, 2e-3, 50))
         idx = next(it)
         x = random_shift(xtr[idx], 2, g)
-        x = (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+        x = (x + 0.05 * torch.randn(x.shape, generator=g).to(x.device)).clamp(0, 1)
         loss = F.cross_entropy(model(x), ytr[idx], label_smoothing=0.05)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -194,9 +222,10 @@ def restart_dead(weight: torch.Tensor, counts: torch.Tensor, pool: torch.Tensor,
     dead = (counts == 0).nonzero().flatten()
     if len(dead) == 0:
         return 0
-    pick = torch.randint(0, pool.shape[0], (len(dead),), generator=g)
+    pick = torch.randint(0, pool.shape[0], (len(dead),), generator=g).to(pool.device)
     with torch.no_grad():
-        weight[dead] = pool[pick] + 0.01 * pool.std() * torch.randn(len(dead), pool.shape[1], generator=g)
+        noise = torch.randn(len(dead), pool.shape[1], generator=g).to(pool.device)
+        weight[dead] = pool[pick] + 0.01 * pool.std() * noise
     return len(dead)
 
 
@@ -207,13 +236,14 @@ def train_vq(args, xtr, xte):
     with torch.no_grad():   # official init: uniform(-1/V, 1/V), then l2-normalised
         vq.quantize.embedding.weight.uniform_(-1 / cfg.codebook_size, 1 / cfg.codebook_size, generator=g)
         vq.quantize.embedding.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=-1))
+    vq.to(DEVICE)
     opt = torch.optim.Adam(vq.parameters(), lr=args.vq_lr, betas=(0.9, 0.95))
     it = batches(len(xtr), args.vq_batch, g)
-    counts = torch.zeros(cfg.codebook_size)
+    counts = torch.zeros(cfg.codebook_size, device=DEVICE)
     restarted = 0
     for step in range(args.vq_steps):
         set_lr(opt, cosine_lr(step, args.vq_steps, args.vq_lr, 20))
-        x = random_shift(xtr[next(it)], 1, g) * 2 - 1
+        x = random_shift(xtr[next(it)], args.gpt_shift, g) * 2 - 1
         rec, vq_loss, idx, zf = vq_forward(vq, x, cfg.commit_loss_beta)
         loss = F.mse_loss(rec, x) + vq_loss
         opt.zero_grad(set_to_none=True)
@@ -272,13 +302,14 @@ def train_vqvae(args, xtr, xte):
     vae = VQVAE(cfg)
     with torch.no_grad():   # codebook init uniform(-1/V, 1/V) (the official eini < 0 form); restarts do the rest
         vae.quantize.embedding.weight.uniform_(-1 / cfg.V, 1 / cfg.V, generator=g)
+    vae.to(DEVICE)
     opt = torch.optim.Adam(vae.parameters(), lr=args.vq_lr, betas=(0.9, 0.95))
     it = batches(len(xtr), args.vq_batch, g)
-    counts = torch.zeros(cfg.V)
+    counts = torch.zeros(cfg.V, device=DEVICE)
     restarted = 0
     for step in range(args.vq_steps):
         set_lr(opt, cosine_lr(step, args.vq_steps, args.vq_lr, 20))
-        x = random_shift(xtr[next(it)], 1, g) * 2 - 1
+        x = random_shift(xtr[next(it)], args.var_shift, g) * 2 - 1
         rec, vq_loss, idx, pool = vqvae_forward(vae, x)
         loss = F.mse_loss(rec, x) + vq_loss
         opt.zero_grad(set_to_none=True)
@@ -333,16 +364,16 @@ def train_ar(args, name, model, loss_fn, n, num_classes, g, steps, lr):
 
 
 def drop_labels(y: torch.Tensor, num_classes: int, p: float, g: torch.Generator) -> torch.Tensor:
-    return torch.where(torch.rand(y.shape, generator=g) < p, torch.full_like(y, num_classes), y)
+    return torch.where(torch.rand(y.shape, generator=g).to(y.device) < p, torch.full_like(y, num_classes), y)
 
 
 def train_gpt(args, vq, xtr, ytr, xte, yte):
     g = seed_all(args.seed + 4)
-    xa, ya = all_shifts(xtr, ytr, 1)
+    xa, ya = all_shifts(xtr, ytr, args.gpt_shift)
     toks = encode_all(lambda x: vq.encode(x * 2 - 1), xa)                     # [9*1500, 64]
     toks_te = encode_all(lambda x: vq.encode(x * 2 - 1), xte)
     cfg = GPTConfig.from_dict(GPT_CONFIG)
-    gpt = GPT(cfg)
+    gpt = GPT(cfg).to(DEVICE)
 
     def loss_fn(idx, g):
         t = toks[idx]
@@ -352,15 +383,16 @@ def train_gpt(args, vq, xtr, ytr, xte, yte):
     train_ar(args, "gpt", gpt, loss_fn, len(toks), cfg.num_classes, g, args.gpt_steps, args.gpt_lr)
     with torch.no_grad():
         nll = F.cross_entropy(gpt(yte, toks_te).flatten(0, 1), toks_te.flatten()).item()
-        nll_tr = F.cross_entropy(gpt(ytr, toks[4 * len(xtr):5 * len(xtr)]).flatten(0, 1),
-                                 toks[4 * len(xtr):5 * len(xtr)].flatten()).item()   # the unshifted copy
+        c = (2 * args.gpt_shift + 1) ** 2 // 2                                   # the unshifted copy
+        nll_tr = F.cross_entropy(gpt(ytr, toks[c * len(xtr):(c + 1) * len(xtr)]).flatten(0, 1),
+                                 toks[c * len(xtr):(c + 1) * len(xtr)].flatten()).item()
     return gpt, {"test_nll_nats_per_token": nll, "train_nll_nats_per_token": nll_tr,
                  "train_sequences": len(toks)}
 
 
 def train_var(args, vae, xtr, ytr, xte, yte):
     g = seed_all(args.seed + 5)
-    xa, ya = all_shifts(xtr, ytr, 1)
+    xa, ya = all_shifts(xtr, ytr, args.var_shift)
     enc = lambda x: torch.cat(vae.img_to_idx(x * 2 - 1), dim=1)              # noqa: E731
     toks = encode_all(enc, xa)                                              # [N, 130]
     toks_te = encode_all(enc, xte)
@@ -370,6 +402,7 @@ def train_var(args, vae, xtr, ytr, xte, yte):
     cfg = VARConfig.from_dict(VAR_CONFIG)
     model = VAR(cfg)
     model.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)
+    model.to(DEVICE)
 
     def loss_fn(idx, g):
         lab = drop_labels(ya[idx], cfg.num_classes, cfg.cond_drop_rate, g)
@@ -380,7 +413,7 @@ def train_var(args, vae, xtr, ytr, xte, yte):
         logits = model(yte, var_in_te)
         nll = F.cross_entropy(logits.flatten(0, 1), toks_te.flatten()).item()
         offs = [0]
-        for pn in PATCH_NUMS:
+        for pn in VAR_CONFIG["patch_nums"]:
             offs.append(offs[-1] + pn * pn)
         per_scale = [F.cross_entropy(logits[:, a:b].flatten(0, 1), toks_te[:, a:b].flatten()).item()
                      for a, b in zip(offs[:-1], offs[1:])]
@@ -390,8 +423,8 @@ def train_var(args, vae, xtr, ytr, xte, yte):
 # ---- evaluation of the teachers -----------------------------------------------------------------
 @torch.no_grad()
 def sample_accuracy(teacher, clf, sampling, per_class: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(10).repeat_interleave(per_class)
+    g = torch.Generator(device=teacher.device).manual_seed(seed)
+    labels = torch.arange(10, device=teacher.device).repeat_interleave(per_class)
     imgs = teacher.decode(teacher.sample(labels, sampling, generator=g))
     acc = (clf(imgs).argmax(1) == labels).float().mean().item()
     return acc, imgs
@@ -426,6 +459,12 @@ def evaluate(args, teachers: dict, clf, xte, yte, per_class: int):
         acc, imgs = sample_accuracy(t, clf, t.default_sampling, per_class, args.seed + 100)
         res = {"default_sampling": t.default_sampling.to_dict(), "class_accuracy": acc, "num_samples": len(imgs)}
         log(f"{name}: classifier accuracy on {len(imgs)} samples ({t.default_sampling}) = {acc:.3f}")
+        if args.probe:
+            from dependence_probe import probe
+
+            res["dependence"] = probe(t, clf, t.default_sampling, n=args.probe, pool=4 * args.probe,
+                                      seed=args.seed + 200)
+            log(f"  {name} dependence: {res['dependence']}")
         if args.sweep:
             for cfg in args.sweep:
                 sp = dataclasses.replace(t.default_sampling, cfg_scale=cfg)
@@ -434,7 +473,7 @@ def evaluate(args, teachers: dict, clf, xte, yte, per_class: int):
                 res[f"class_accuracy_cfg{cfg}"] = a
         out[name] = res
         for k in range(2):
-            rows.append(imgs[torch.arange(10) * per_class + k])
+            rows.append(imgs[torch.arange(10) * per_class + k].cpu())
             names.append(f"{name} #{k}")
     if args.samples_png:
         save_grid(args.samples_png, rows, names)
@@ -447,7 +486,7 @@ def save(out: str, stem: str, tensors: dict, meta: dict):
 
     os.makedirs(out, exist_ok=True)
     base = os.path.join(out, stem)
-    save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, base + ".safetensors")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, base + ".safetensors")
     with open(base + ".json", "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
@@ -468,13 +507,27 @@ def main():
     ap.add_argument("--vq-steps", type=int, default=500)
     ap.add_argument("--vq-batch", type=int, default=32)
     ap.add_argument("--vq-lr", type=float, default=2e-3)
-    ap.add_argument("--gpt-steps", type=int, default=1600)
+    ap.add_argument("--gpt-steps", type=int, default=4000)
     ap.add_argument("--gpt-lr", type=float, default=3e-3)
-    ap.add_argument("--var-steps", type=int, default=500)
+    ap.add_argument("--var-steps", type=int, default=1500)
     ap.add_argument("--var-lr", type=float, default=3e-3)
     ap.add_argument("--ar-batch", type=int, default=64)
     ap.add_argument("--gpt-dim", type=int, default=GPT_CONFIG["dim"])
     ap.add_argument("--var-dim", type=int, default=VAR_CONFIG["embed_dim"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU run is recorded in the JSON)")
+    ap.add_argument("--gpt-shift", type=int, default=1,
+                    help="LlamaGen augmentation: GPT data = every integer shift in [-s, s]^2, VQ random shifts up to s")
+    ap.add_argument("--var-shift", type=int, default=2,
+                    help="VAR augmentation (same rule). 2: the class-conditional token marginals blend "
+                         "shifted strokes, so onestep* fails (issue 12)")
+    ap.add_argument("--var-cfg", type=float, default=VAR_SAMPLING.cfg_scale, help="VAR teacher's default CFG")
+    ap.add_argument("--patch-nums", type=int, nargs="+", default=list(PATCH_NUMS), help="VAR scales")
+    ap.add_argument("--gpt-layers", type=int, default=GPT_CONFIG["n_layer"])
+    ap.add_argument("--var-depth", type=int, default=VAR_CONFIG["depth"])
+    ap.add_argument("--vae-cvae", type=int, default=VAE_CONFIG["Cvae"], help="VAR tokenizer code dimension")
+    ap.add_argument("--vae-v", type=int, default=VAE_CONFIG["V"], help="VAR codebook size")
+    ap.add_argument("--probe", type=int, default=0,
+                    help="also run tools/dependence_probe.py on each teacher with this many samples")
     ap.add_argument("--out", default=zoo.ZOO_DIR, help="where to write the zoo files (default teachers/zoo)")
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--eval-per-class", type=int, default=50, help="teacher samples per class for class accuracy")
@@ -485,20 +538,36 @@ def main():
                     help="train only these phases (classifier vq vqvae gpt var); others are loaded from the zoo")
     args = ap.parse_args()
 
+    global DEVICE
     GPT_CONFIG["dim"], VAR_CONFIG["embed_dim"] = args.gpt_dim, args.var_dim
+    GPT_CONFIG["n_layer"], VAR_CONFIG["depth"] = args.gpt_layers, args.var_depth
+    VAE_CONFIG["patch_nums"] = VAR_CONFIG["patch_nums"] = list(args.patch_nums)
+    VAE_CONFIG["Cvae"] = VAR_CONFIG["Cvae"] = args.vae_cvae
+    VAE_CONFIG["V"] = VAR_CONFIG["V"] = args.vae_v
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
+    if DEVICE.type == "cuda":
+        # cuBLAS needs this for deterministic matmuls; some CUDA backward kernels (area interpolation)
+        # have no deterministic version, so on the GPU determinism is best effort.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(True)
     total = Timer()
-    xtr, ytr = digits_data("train")
-    xte, yte = digits_data("test")
+    xtr, ytr = (t.to(DEVICE) for t in digits_data("train"))
+    xte, yte = (t.to(DEVICE) for t in digits_data("test"))
     log(f"digits: train {tuple(xtr.shape)}, test {tuple(xte.shape)}; threads {args.threads}, torch {torch.__version__}")
 
-    common = {"data": DATA_RULE, "augmentation": "integer pixel shifts, zero fill", "seed": args.seed,
-              "threads": args.threads, "torch": torch.__version__, "trained_by": "tools/train_digits_zoo.py"}
+    common = {"data": DATA_RULE, "seed": args.seed,
+              "augmentation": "integer pixel shifts, zero fill: AR data every shift in [-s, s]^2, tokenizer "
+                              "random shifts up to s px (s: train.shift)",
+              "threads": args.threads, "torch": torch.__version__, "trained_by": "tools/train_digits_zoo.py",
+              "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
+              "command": "python tools/train_digits_zoo.py " + " ".join(sys.argv[1:])}
 
     if args.eval_only:
-        teachers = {n: zoo.load(n) for n in zoo.ZOO}
-        clf = zoo.load_classifier()
+        teachers = {n: zoo.load(n, device=DEVICE) for n in zoo.ZOO}
+        clf = zoo.load_classifier(DEVICE)
         acc = (clf(xte).argmax(1) == yte).float().mean().item()
         log(f"classifier held-out accuracy {acc:.4f}")
         evaluate(args, teachers, clf, xte, yte, args.eval_per_class)
@@ -519,7 +588,7 @@ def main():
                                                               "augmentation": "shifts up to 2 px, gaussian noise 0.05"},
               "metrics": clf_res, "time": times["classifier"], **common})
     else:
-        clf = zoo.load_classifier()
+        clf = zoo.load_classifier(DEVICE)
 
     if "vq" in phases:
         t = Timer()
@@ -528,7 +597,7 @@ def main():
         log(f"LlamaGen VQ: held-out rec MSE {vq_res['test_mse']:.5f} (PSNR {vq_res['test_psnr_db']:.2f} dB), "
             f"codes used {vq_res['codes_used_train']}/{VQ_CONFIG['codebook_size']} [{times['vq']}]")
     else:
-        old = zoo.load("digits-llamagen")
+        old = zoo.load("digits-llamagen", device=DEVICE)
         vq, vq_res = old.vq, zoo.read_meta("digits-llamagen")["tokenizer_metrics"]
     if "vqvae" in phases:
         t = Timer()
@@ -537,7 +606,7 @@ def main():
         log(f"VAR VQ-VAE: held-out rec MSE {vae_res['test_mse']:.5f} (PSNR {vae_res['test_psnr_db']:.2f} dB), "
             f"codes used {vae_res['codes_used_train']}/{VAE_CONFIG['V']} [{times['vqvae']}]")
     else:
-        old = zoo.load("digits-var")
+        old = zoo.load("digits-var", device=DEVICE)
         vae, vae_res = old.vae, zoo.read_meta("digits-var")["tokenizer_metrics"]
 
     if "gpt" in phases:
@@ -547,7 +616,7 @@ def main():
         log(f"LlamaGen GPT: held-out NLL {gpt_res['test_nll_nats_per_token']:.4f} nats/token "
             f"(train {gpt_res['train_nll_nats_per_token']:.4f}) [{times['gpt']}]")
     else:
-        gpt, gpt_res = zoo.load("digits-llamagen").gpt, zoo.read_meta("digits-llamagen")["metrics"]
+        gpt, gpt_res = zoo.load("digits-llamagen", device=DEVICE).gpt, zoo.read_meta("digits-llamagen")["metrics"]
     if "var" in phases:
         t = Timer()
         vmodel, var_res = train_var(args, vae, xtr, ytr, xte, yte)
@@ -555,38 +624,49 @@ def main():
         log(f"VAR: held-out NLL {var_res['test_nll_nats_per_token']:.4f} nats/token, per scale "
             f"{[round(v, 3) for v in var_res['test_nll_per_scale']]} [{times['var']}]")
     else:
-        vmodel, var_res = zoo.load("digits-var").var, zoo.read_meta("digits-var")["metrics"]
+        vmodel, var_res = zoo.load("digits-var", device=DEVICE).var, zoo.read_meta("digits-var")["metrics"]
 
     teachers = {"digits-llamagen": llamagen.load(GPT_CONFIG, gpt.state_dict(), tokenizer_config=VQ_CONFIG,
-                                                 tokenizer_checkpoint=vq.state_dict()),
+                                                 tokenizer_checkpoint=vq.state_dict(), device=DEVICE),
                 "digits-var": var.load(VAR_CONFIG, vmodel.state_dict(), tokenizer_config=VAE_CONFIG,
-                                       tokenizer_checkpoint=vae.state_dict())}
+                                       tokenizer_checkpoint=vae.state_dict(), device=DEVICE)}
     teachers["digits-llamagen"].default_sampling = LLAMAGEN_SAMPLING
-    teachers["digits-var"].default_sampling = VAR_SAMPLING
+    var_sampling = dataclasses.replace(VAR_SAMPLING, cfg_scale=args.var_cfg)
+    teachers["digits-var"].default_sampling = var_sampling
+    trained = {"digits-llamagen": {"vq", "gpt"}, "digits-var": {"vqvae", "var"}}
+    teachers = {n: t for n, t in teachers.items() if trained[n] & set(phases)}
     t = Timer()
     ev = evaluate(args, teachers, clf, xte, yte, args.eval_per_class)
     times["eval"] = t.read()
     times["total"] = total.read()
     log(f"times: {times}")
 
-    note = ("DD's teacher sampling for these teachers: the paper's cfg 2.0; no top-k (the small "
-            "codebook makes the paper's top-k a no-op anyway){}.")
-    save(args.out, "digits-llamagen", {**prefixed("gpt.", gpt.state_dict()), **prefixed("vq.", vq.state_dict())},
-         {"family": "llamagen", "config": GPT_CONFIG, "tokenizer_config": VQ_CONFIG,
-          "default_sampling": LLAMAGEN_SAMPLING.to_dict(), "sampling_note": note.format(", top-p off"),
-          "image_size": 16, "num_tokens": 64,
-          "train": {"steps": args.gpt_steps, "batch": args.ar_batch, "lr": args.gpt_lr, "ema": args.ema,
-                    "tokenizer_steps": args.vq_steps, "tokenizer_batch": args.vq_batch},
-          "tokenizer_metrics": vq_res, "metrics": gpt_res, "samples": ev["digits-llamagen"],
-          "time": {k: times.get(k) for k in ("vq", "gpt")}, **common})
-    save(args.out, "digits-var", {**prefixed("var.", vmodel.state_dict()), **prefixed("vae.", vae.state_dict())},
-         {"family": "var", "config": VAR_CONFIG, "tokenizer_config": VAE_CONFIG,
-          "default_sampling": VAR_SAMPLING.to_dict(), "sampling_note": note.format(", VAR's top-p 0.95 kept"),
-          "image_size": 16, "num_tokens": sum(p * p for p in PATCH_NUMS),
-          "train": {"steps": args.var_steps, "batch": args.ar_batch, "lr": args.var_lr, "ema": args.ema,
-                    "tokenizer_steps": args.vq_steps, "tokenizer_batch": args.vq_batch},
-          "tokenizer_metrics": vae_res, "metrics": var_res, "samples": ev["digits-var"],
-          "time": {k: times.get(k) for k in ("vqvae", "var")}, **common})
+    note = ("DD's teacher sampling for these teachers: {}; no top-k (the small codebook makes the "
+            "paper's top-k a no-op anyway){}.")
+    # an untouched family keeps its files (and their metadata)
+    if {"vq", "gpt"} & set(phases):
+        save(args.out, "digits-llamagen", {**prefixed("gpt.", gpt.state_dict()), **prefixed("vq.", vq.state_dict())},
+             {"family": "llamagen", "config": GPT_CONFIG, "tokenizer_config": VQ_CONFIG,
+              "default_sampling": LLAMAGEN_SAMPLING.to_dict(),
+              "sampling_note": note.format("the paper's cfg 2.0", ", top-p off"),
+              "image_size": 16, "num_tokens": 64,
+              "train": {"steps": args.gpt_steps, "batch": args.ar_batch, "lr": args.gpt_lr, "ema": args.ema,
+                        "shift": args.gpt_shift,
+                        "tokenizer_steps": args.vq_steps, "tokenizer_batch": args.vq_batch},
+              "tokenizer_metrics": vq_res, "metrics": gpt_res, "samples": ev["digits-llamagen"],
+              "time": {k: times.get(k) for k in ("vq", "gpt")}, **common})
+    if {"vqvae", "var"} & set(phases):
+        save(args.out, "digits-var", {**prefixed("var.", vmodel.state_dict()), **prefixed("vae.", vae.state_dict())},
+             {"family": "var", "config": VAR_CONFIG, "tokenizer_config": VAE_CONFIG,
+              "default_sampling": var_sampling.to_dict(),
+              "sampling_note": note.format(f"cfg {args.var_cfg} under VAR's linear ramp (the paper's 2.0 collapses "
+                                           "the shifted digits toward centred modes)", ", VAR's top-p 0.95 kept"),
+              "image_size": 16, "num_tokens": sum(p * p for p in VAR_CONFIG["patch_nums"]),
+              "train": {"steps": args.var_steps, "batch": args.ar_batch, "lr": args.var_lr, "ema": args.ema,
+                        "shift": args.var_shift,
+                        "tokenizer_steps": args.vq_steps, "tokenizer_batch": args.vq_batch},
+              "tokenizer_metrics": vae_res, "metrics": var_res, "samples": ev["digits-var"],
+              "time": {k: times.get(k) for k in ("vqvae", "var")}, **common})
 
 
 if __name__ == "__main__":
