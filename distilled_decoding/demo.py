@@ -191,8 +191,14 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
               help="Work budget: default fits `make demo` (~10 min on 2 CPU cores).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", callback=device_option_check, show_default=True)
-def demo_cmd(family, out, size_name, seed, device):
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="torch CPU threads. The digits models are too small to gain from more, and on a busy 2-core "
+                   "machine two OpenMP threads run many times slower than one.")
+def demo_cmd(family, out, size_name, seed, device, threads):
     """Run build-dataset -> train -> sample -> eval on a shipped digits teacher; print a Table 1."""
+    import torch
+
+    torch.set_num_threads(threads)
     out = out or os.path.join("demo_out", family)
     if family not in SIZES[size_name]:
         raise click.UsageError(f"--size {size_name} has no budget for {family}: {sorted(SIZES[size_name])}")
