@@ -284,12 +284,13 @@ class DiT(nn.Module):
 
 # ---- the teacher ---------------------------------------------------------------------------------
 class DiTTeacher(DiffusionTeacher):
-    """A DiT on the VP schedule of `teachers/vp_diffusion.py`, with an optional latent VAE."""
+    """A DiT on the VP schedule of `teachers/vp_diffusion.py`, on the latents of a VAE or, with
+    `pixel_space`, on images in [-1, 1] (1 channel = grey, shown as 3)."""
 
     family = "dit"
 
     def __init__(self, model: DiT, vae=None, ids: Optional[dict] = None, cfg_channels: Optional[int] = 3,
-                 image_size: Optional[int] = None, num_train_timesteps: int = 1000):
+                 image_size: Optional[int] = None, num_train_timesteps: int = 1000, pixel_space: bool = False):
         super().__init__(num_train_timesteps=num_train_timesteps)
         self.model = model
         self.vae = vae
@@ -299,25 +300,34 @@ class DiTTeacher(DiffusionTeacher):
         self.null_label = model.null_label
         self.latent_shape = (c.in_channels, c.input_size, c.input_size)
         self.cfg_channels = cfg_channels
-        self.image_size = image_size or c.input_size * LATENT_DOWNSAMPLE
+        self.pixel_space = pixel_space
+        if pixel_space and vae is not None:
+            raise ValueError("a pixel-space DiT takes no VAE")
+        self.image_size = c.input_size if pixel_space else (image_size or c.input_size * LATENT_DOWNSAMPLE)
 
     def model_output(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         dtype = self.model.pos_embed.dtype
         return self.model(x.to(dtype), t, labels).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.pixel_space:
+            img = latents.float().add(1).mul(0.5).clamp(0, 1)
+            return img.expand(-1, 3, -1, -1) if img.shape[1] == 1 else img
         if self.vae is None:
             raise RuntimeError("this DiT teacher has no VAE: load it with vae=<directory or file>")
         return self.vae.decode(latents)
 
     def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.pixel_space:
+            x = images.float().mean(1, keepdim=True) if self.latent_shape[0] == 1 else images.float()
+            return x.mul(2).sub(1)
         if self.vae is None:
             raise RuntimeError("this DiT teacher has no VAE: load it with vae=<directory or file>")
         return self.vae.encode(images, generator=generator)
 
     def describe(self) -> dict:
         d = {"family": self.family, "config": self.model.cfg.to_dict(), "cfg_channels": self.cfg_channels,
-             "image_size": self.image_size, **self.ids}
+             "image_size": self.image_size, "pixel_space": self.pixel_space, **self.ids}
         if self.vae is not None:
             d["vae"] = self.vae.describe()
         return d
@@ -334,7 +344,7 @@ def load(config: Union[str, dict, DiTConfig, None] = "DiT-XL/2", checkpoint=None
          tokenizer_config=None, tokenizer_checkpoint=None,
          device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
          weights_only: bool = True, ema: bool = True, cfg_channels: Optional[int] = 3,
-         seed: Optional[int] = None) -> DiTTeacher:
+         pixel_space: bool = False, seed: Optional[int] = None) -> DiTTeacher:
     """Build a DiT teacher; checkpoint is a path or an in-memory state dict (None = random weights,
     the official init).
 
@@ -344,7 +354,8 @@ def load(config: Union[str, dict, DiTConfig, None] = "DiT-XL/2", checkpoint=None
     vae: the latent VAE: a diffusers directory or a weights file (see `teachers.latent_vae.load_vae`),
     an already built `LatentVAE`, or None (latents only). tokenizer_checkpoint is accepted as its alias
     (the `load_teacher` signature). cfg_channels: how many latent channels CFG guides (3 = the official
-    `forward_with_cfg`; None = all). dtype: the transformer's precision; outputs are fp32.
+    `forward_with_cfg`; None = all). pixel_space: the DiT works on images in [-1, 1] (no VAE; the zoo's
+    digits-dit). dtype: the transformer's precision; outputs are fp32.
     """
     cfg = as_dit_config(config, image_size)
     if vae is None:
@@ -365,6 +376,6 @@ def load(config: Union[str, dict, DiTConfig, None] = "DiT-XL/2", checkpoint=None
                                                                      weights_only=weights_only)
     ids = {"checkpoint": source_id(checkpoint)}
     teacher = DiTTeacher(model, latent_vae, ids, cfg_channels=cfg_channels,
-                         image_size=cfg.input_size * LATENT_DOWNSAMPLE)
+                         image_size=cfg.input_size * LATENT_DOWNSAMPLE, pixel_space=pixel_space)
     teacher.eval().requires_grad_(False)
     return teacher

@@ -217,3 +217,4 @@ def test_loading_forms_and_strictness(tmp_path):
     with pytest.raises(ValueError, match="cfg_scale must be 1"):
         load({**TINY, "class_dropout_prob": 0.0}).denoise(x, ts, y, cfg_scale=2.0)
     assert raw.describe()["family"] == "dit" and ref.timesteps(25)[:2] == [999, 957]
+
