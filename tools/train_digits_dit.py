@@ -2,6 +2,7 @@
 
     python tools/train_digits_dit.py                        # train, evaluate, write teachers/zoo/digits-dit.*
     python tools/train_digits_dit.py --eval-only            # re-measure the shipped weights
+    python tools/train_digits_dit.py --eval-only --cfg 3 --write-json   # ... and make cfg 3 its default
 
 Data: `teachers.zoo.digits_data` (train = first 1500 images, 16x16, grey in 3 channels); the DiT sees
 one grey channel in [-1, 1] (the other two are copies) and the teacher decodes it back to 3 channels.
@@ -121,6 +122,8 @@ def main():
     ap.add_argument("--sample-steps", type=int, default=25)
     ap.add_argument("--eval-per-class", type=int, default=100)
     ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--write-json", action="store_true",
+                    help="with --eval-only: record these measurements and --cfg as the default in the JSON")
     ap.add_argument("--out", default=zoo.ZOO_DIR)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -142,6 +145,15 @@ def main():
         log(json.dumps(other))
         res.setdefault("sweep", []).append(other)
     if args.eval_only:
+        if args.write_json:
+            meta["default_sampling"] = {"steps": args.sample_steps, "cfg_scale": args.cfg}
+            meta["samples"] = res
+            meta["eval_command"] = "python tools/train_digits_dit.py " + " ".join(sys.argv[1:])
+            path = os.path.join(zoo.ZOO_DIR, STEM + ".json")
+            with open(path, "w") as f:
+                json.dump(meta, f, indent=2)
+                f.write("\n")
+            log(f"updated {path}")
         return
     from safetensors.torch import save_file
 
