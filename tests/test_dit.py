@@ -239,3 +239,11 @@ def test_digits_dit_samples_are_recognised():
     acc = (zoo.load_classifier()(img).argmax(1) == labels).float().mean().item()
     assert acc >= DIGITS_DIT_ACC_BOUND, f"only {acc:.2f} of digits-dit's samples are classified as their label"
     torch.testing.assert_close(t.decode(t.encode(img)), img, rtol=0, atol=1e-6)
+
+
+def test_dd_refuses_a_diffusion_teacher():
+    from distilled_decoding.teacher_spec import TeacherSpec
+
+    with pytest.raises(ValueError, match="diffusion teacher"):
+        TeacherSpec(teacher="digits-dit").load()
+    assert not hasattr(TeacherSpec(teacher="digits-var").load(), "denoise")
