@@ -111,6 +111,9 @@ class TeacherSpec:
                                tokenizer_config=self.tokenizer_config,
                                tokenizer_checkpoint=self.tokenizer_checkpoint,
                                device=device, dtype=DTYPES[self.dtype], **options)
+        if not isinstance(teacher, Teacher):
+            raise ValueError(f"{self.teacher!r} is a diffusion teacher ({type(teacher).__name__}); DD distils "
+                             "AR teachers only")
         return teacher.eval()
 
 

@@ -2,7 +2,11 @@
 `load_teacher` and the zoo (whose teachers are built by their family's `load`) use it without
 importing each other.
 
-Each family module exposes `PRESETS` (named configs, the CLI's choices), `as_config(config)` (a preset
+FAMILIES are the AR families (`teachers.base.Teacher`, what DD distils); DIFFUSION_FAMILIES the
+diffusion teachers (`teachers.diffusion_base.DiffusionTeacher`, what ARD distils). `load_teacher`
+and `family_module` take either.
+
+Each family module exposes `PRESETS` (named configs, the CLI's choices), an AR family `as_config(config)` (a preset
 name or dict -> the transformer's config; ValueError naming an unknown preset or key) and
 `load(config, checkpoint, tokenizer_config, tokenizer_checkpoint, device, dtype, **options)`.
 """
@@ -12,9 +16,11 @@ import importlib
 
 # imported on first use: `import teachers` stays light
 FAMILIES = {"llamagen": "teachers.llamagen", "var": "teachers.var"}
+DIFFUSION_FAMILIES = {"dit": "teachers.dit"}
 
 
 def family_module(family: str):
-    if family not in FAMILIES:
-        raise ValueError(f"unknown teacher family {family!r}; choose from {sorted(FAMILIES)}")
-    return importlib.import_module(FAMILIES[family])
+    known = {**FAMILIES, **DIFFUSION_FAMILIES}
+    if family not in known:
+        raise ValueError(f"unknown teacher family {family!r}; choose from {sorted(known)}")
+    return importlib.import_module(known[family])

@@ -1,4 +1,5 @@
-"""The tiny digits teachers shipped with the repo (trained by tools/train_digits_zoo.py).
+"""The tiny digits teachers shipped with the repo (trained by tools/train_digits_zoo.py; the
+diffusion one, digits-dit, by tools/train_digits_dit.py).
 
 Two class-conditional AR teachers of scikit-learn's bundled 8x8 digits, upscaled to 16x16 RGB, plus
 a small CNN classifier that scores their samples (FID features and class accuracy):
@@ -6,6 +7,7 @@ a small CNN classifier that scores their samples (FID features and class accurac
     from teachers import load_teacher
     t = load_teacher("digits-llamagen")            # LlamaGen layout: 64 steps of 1 token (8x8 grid)
     t = load_teacher("digits-var")                 # VAR layout: 6 scales (1, 2, 3, 4, 6, 8), 130 tokens
+    d = load_teacher("digits-dit")                 # a pixel-space DiT (DiffusionTeacher): d.sample(labels)
     tokens = t.sample(torch.arange(10), t.default_sampling)
     images = t.decode(tokens)                      # [10, 3, 16, 16] in [0, 1]
 
@@ -33,11 +35,14 @@ from torch import nn
 
 ZOO_DIR = os.path.dirname(os.path.abspath(__file__))
 TRAIN_COMMAND = "python tools/train_digits_zoo.py"
+TRAIN_COMMANDS = {"digits-dit": "python tools/train_digits_dit.py"}     # stems not made by TRAIN_COMMAND
 
-# name -> (family, file stem, prefix of the transformer's keys, prefix of the tokenizer's keys)
+# name -> (family, file stem, prefix of the transformer's keys, prefix of the tokenizer's keys or
+# None: the pixel-space DiT has no tokenizer)
 ZOO: dict = {
     "digits-llamagen": ("llamagen", "digits-llamagen", "gpt.", "vq."),
     "digits-var": ("var", "digits-var", "var.", "vae."),
+    "digits-dit": ("dit", "digits-dit", "dit.", None),
 }
 CLASSIFIER_STEM = "digits-classifier"
 
@@ -114,8 +119,8 @@ def _paths(stem: str) -> Tuple[str, str]:
     st, js = base + ".safetensors", base + ".json"
     for p in (st, js):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"zoo file not found: {p}. Create the digits zoo with "
-                                    f"`{TRAIN_COMMAND}` (a few minutes on CPU).")
+            raise FileNotFoundError(f"zoo file not found: {p}. Create it with "
+                                    f"`{TRAIN_COMMANDS.get(stem, TRAIN_COMMAND)}` (a few minutes on CPU).")
     return st, js
 
 
@@ -160,6 +165,8 @@ def load(name: str, device: Union[str, torch.device] = "cpu", dtype: Optional[to
     with open(js) as f:
         meta = json.load(f)
     state = load_file(st)
+    if pre_k is None:
+        return _load_diffusion(name, family, st, meta, state, pre_t, device, dtype)
     model_sd = {k[len(pre_t):]: v for k, v in state.items() if k.startswith(pre_t)}
     tok_sd = {k[len(pre_k):]: v for k, v in state.items() if k.startswith(pre_k)}
     stray = sorted(k for k in state if not (k.startswith(pre_t) or k.startswith(pre_k)))
@@ -171,4 +178,22 @@ def load(name: str, device: Union[str, torch.device] = "cpu", dtype: Optional[to
     teacher.default_sampling = SamplingConfig(**meta["default_sampling"])
     sha = file_sha256(st)[:16]          # one file holds both parts
     teacher.ids.update({"zoo": name, "checkpoint": sha, "tokenizer_checkpoint": sha})
+    return teacher
+
+
+def _load_diffusion(name, family, st, meta, state, prefix, device, dtype):
+    """A zoo diffusion teacher: one model under `prefix`, no tokenizer; the JSON's default sampler."""
+    from ..checkpoint import file_sha256
+    from ..families import family_module
+
+    stray = sorted(k for k in state if not k.startswith(prefix))
+    if stray:
+        raise ValueError(f"{st}: expected keys under {prefix!r} only (stray: {stray[:5]})")
+    sd = {k[len(prefix):]: v for k, v in state.items()}
+    teacher = family_module(family).load(meta["config"], sd, pixel_space=meta["pixel_space"],
+                                         cfg_channels=meta["cfg_channels"], device=device,
+                                         dtype=torch.float32 if dtype is None else dtype)
+    teacher.default_steps = int(meta["default_sampling"]["steps"])
+    teacher.default_cfg_scale = float(meta["default_sampling"]["cfg_scale"])
+    teacher.ids.update({"zoo": name, "checkpoint": file_sha256(st)[:16]})
     return teacher
