@@ -125,8 +125,9 @@ def _run_flow_map(info: dict):
 
 
 def _fail(msg) -> None:
-    """A one-line error (a multi-line message, such as the settings a directory differs in, is joined)."""
-    raise click.ClickException("; ".join(line.strip() for line in str(msg).splitlines() if line.strip()) or "failed")
+    """A user error (`dd`'s handler prints it as one line, joining a multi-line message such as the settings a
+    directory differs in)."""
+    raise click.ClickException(str(msg) or "failed")
 
 
 @click.command("sample")
@@ -279,11 +280,7 @@ def sample_cmd(out, run, steps, timesteps, split, snap, regen, baseline, skip_fi
         build_samples(out, plan, settings, num_samples=num_samples, batch_size=batch_size, device=device,
                       warmup=warmup, png=png, grid_max=grid_max, show_progress=not no_progress,
                       log=click.echo if dist_info()[0] == 0 else (lambda s: None))
-    except click.ClickException:
-        raise
     except (ValueError, FileNotFoundError, KeyError) as e:
-        _fail(e)
-    except StoreError as e:
         _fail(e)
     finally:
         finish_distributed(own_pg)
