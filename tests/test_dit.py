@@ -238,7 +238,7 @@ def test_digits_dit_samples_are_recognised():
     assert img.shape == (100, 3, 16, 16) and len(states) == 25
     acc = (zoo.load_classifier()(img).argmax(1) == labels).float().mean().item()
     assert acc >= DIGITS_DIT_ACC_BOUND, f"only {acc:.2f} of digits-dit's samples are classified as their label"
-    torch.testing.assert_close(t.decode(t.encode(img)), img, rtol=0, atol=1e-6)
+    torch.testing.assert_close(t.decode(t.encode(img)), img, rtol=0, atol=1e-5)
 
 
 def test_dd_refuses_a_diffusion_teacher():

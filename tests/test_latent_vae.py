@@ -43,11 +43,11 @@ def test_directory_and_file_load_agree(ref, tmp_path):
         assert isinstance(vae, LatentVAE) and vae.scaling_factor == 0.18215
         img = vae.decode(z)
         assert img.shape == (2, 3, 16, 16) and 0 <= img.min() and img.max() <= 1
-        torch.testing.assert_close(img, want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(img, want, rtol=0, atol=1e-5)
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         mean = ref.encode(x * 2 - 1).latent_dist.mean * 0.18215
-    torch.testing.assert_close(from_file.encode(x), mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(from_file.encode(x), mean, rtol=0, atol=1e-5)
     drawn = from_file.encode(x, generator=torch.Generator().manual_seed(0))
     assert drawn.shape == mean.shape and not torch.equal(drawn, mean)
     bad = {k: v for k, v in sd.items() if k != "decoder.conv_out.bias"}

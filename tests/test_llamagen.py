@@ -242,7 +242,7 @@ def test_decode_differentiable_matches_decode(tiny):
     emb = tiny.embed(torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(7)))
     emb.requires_grad_(True)
     x = tiny.decode_differentiable(emb)                              # [-1, 1]
-    torch.testing.assert_close((x.detach() + 1) / 2, tiny.decode(emb.detach()), rtol=0, atol=1e-6)
+    torch.testing.assert_close((x.detach() + 1) / 2, tiny.decode(emb.detach()), rtol=0, atol=1e-5)
     x.sum().backward()
     assert emb.grad is not None and emb.grad.abs().sum() > 0
 

