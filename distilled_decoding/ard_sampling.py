@@ -1,0 +1,119 @@
+"""`dd ard sample`'s samplers: an ARD student's S-step sampler and the teacher's DDIM-N baseline, as plans
+that `sample_store.build_samples` runs on the shard store (resume, torchrun ranks, samples.npz in ADM
+format, grid.png, timing.json; the same outputs as `dd sample`).
+
+Noise and labels are those of (seed, global sample index) (`trajectories.trajectory_noise`,
+`seeding.make_labels`), so at one seed the student, the teacher's DDIM-25 and its DDIM-S all start
+from the same x_T: the table's "MSE to the teacher's endpoint" compares samples index by index.
+Diffusion samples have no tokens: the store's `tokens` are [N, 0].
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .fileio import normalise_json
+from .trajectories import trajectory_noise
+
+SAMPLERS = ("ard", "ddim")
+
+
+@dataclass
+class DiffusionPlan:
+    """What one sample run draws. kind "ard": `student` (an ARDStudent) from the noise in S steps;
+    "ddim": the teacher's DDIM (η = 0) with `steps` steps at `cfg_scale` on `cfg_channels`."""
+
+    kind: str
+    teacher: object
+    student: Optional[torch.nn.Module] = None
+    steps: int = 25
+    cfg_scale: float = 1.5
+    cfg_channels: Optional[int] = None
+
+    def __post_init__(self):
+        if self.kind not in SAMPLERS:
+            raise ValueError(f"sampler {self.kind!r}: choose from {SAMPLERS}")
+        if self.kind == "ard":
+            if self.student is None:
+                raise ValueError("an ARD plan needs a student")
+            self.steps = int(self.student.config.num_steps)
+
+    def describe(self) -> str:
+        if self.kind == "ard":
+            c = self.student.config
+            return f"ARD {c.num_steps}-step ({c.mask}, N={c.lower_layers})"
+        return f"teacher DDIM-{self.steps} (cfg {self.cfg_scale:g})"
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """noise x_T [B, C, H, W], labels [B] -> x_0 [B, C, H, W] fp32."""
+        if self.kind == "ard":
+            from .ard_student import ard_sample
+            dtype = next(self.student.parameters()).dtype
+            return ard_sample(self.student, noise.to(dtype), labels)[:, -1].float()
+        return self.teacher.sample(labels, steps=self.steps, cfg_scale=self.cfg_scale, noise=noise,
+                                   cfg_channels=self.cfg_channels)
+
+    def run(self, seed: int, idx, labels: torch.Tensor, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The `samplers.SamplePlan.run` signature of `build_samples`: -> (x_0, tokens [B, 0])."""
+        noise = trajectory_noise(seed, idx, self.teacher.latent_shape).to(device)
+        x0 = self.sample(noise, labels.to(device))
+        return x0, torch.zeros(len(idx), 0, dtype=torch.int16)
+
+
+def state_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 (16 hex) of a module's state dict (keys, dtypes, shapes, bytes): which weights sampled."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def sample_settings(plan: DiffusionPlan, *, seed: int, labels: str, shard_size: int, run: Optional[str]) -> dict:
+    """What decides the samples (the sample store compares them on resume)."""
+    t = plan.teacher
+    ard = plan.student.config.to_dict() if plan.kind == "ard" else None
+    return normalise_json({
+        "sampler": plan.kind, "describe": plan.describe(), "teacher": t.describe(),
+        "steps": int(plan.steps), "cfg_scale": float(plan.cfg_scale) if plan.kind == "ddim" else None,
+        "cfg_channels": plan.cfg_channels if plan.kind == "ddim" else None, "ard": ard,
+        "run": os.path.abspath(run) if run else None,
+        "student_sha256": state_fingerprint(plan.student) if plan.kind == "ard" else None,
+        "seed": int(seed), "labels": labels, "num_classes": int(t.num_classes), "shard_size": int(shard_size),
+        "image_shape": [int(t.image_size), int(t.image_size), 3], "num_tokens": 0, "token_dtype": "int16",
+    })
+
+
+def run_teacher_spec(run: str) -> Tuple[dict, Optional[dict]]:
+    """(teacher_spec dict, trajectory settings or None) of an ARD run directory: its config.json's
+    teacher spec, else that of the trajectory set it names."""
+    from .errors import DDError
+    from .trajectories import read_manifest
+    path = os.path.join(run, "config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DDError(f"{path}: not an ARD run's config ({e})") from None
+    data = cfg.get("data")
+    settings = None
+    root = data.get("root") or data.get("path") if isinstance(data, dict) else data
+    if isinstance(data, dict) and isinstance(data.get("settings"), dict):
+        settings = data["settings"]
+    elif isinstance(root, str) and os.path.exists(os.path.join(root, "manifest.json")):
+        settings = read_manifest(root)["settings"]
+    spec = cfg.get("teacher_spec") or cfg.get("teacher")
+    if not isinstance(spec, dict) and isinstance(data, dict):
+        spec = data.get("teacher_spec")
+    if not isinstance(spec, dict) and isinstance(root, str) and os.path.exists(os.path.join(root, "manifest.json")):
+        spec = read_manifest(root)["teacher_spec"]
+    if not isinstance(spec, dict):
+        raise DDError(f"{path}: names no teacher (no teacher_spec, and its data set is gone)")
+    return spec, settings
