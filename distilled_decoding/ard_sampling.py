@@ -117,3 +117,29 @@ def run_teacher_spec(run: str) -> Tuple[dict, Optional[dict]]:
     if not isinstance(spec, dict):
         raise DDError(f"{path}: names no teacher (no teacher_spec, and its data set is gone)")
     return spec, settings
+
+
+def make_plan(run, baseline, data, cfg_scale, device):
+    """The `DiffusionPlan` of `dd ard sample`'s options (ValueError naming the option at fault)."""
+    from .teacher_spec import TeacherSpec
+    from .trajectories import read_manifest, resolve_cfg_channels
+    settings, student = None, None
+    if data is not None:
+        m = read_manifest(data)
+        spec, settings = m["teacher_spec"], m["settings"]
+    else:
+        spec, settings = run_teacher_spec(run)
+    teacher = TeacherSpec.from_dict(spec).load(device, diffusion=True)
+    if baseline is None:
+        from .ard_train import load_ard_run
+        student = load_ard_run(run, device).eval()
+        return DiffusionPlan("ard", teacher, student)
+    if baseline == "teacher":
+        steps = (settings or {}).get("steps", teacher.default_steps)
+    elif baseline.startswith("ddim-") and baseline[5:].isdigit() and int(baseline[5:]) >= 1:
+        steps = int(baseline[5:])
+    else:
+        raise ValueError(f"--baseline {baseline!r}: ddim-N (N >= 1 DDIM steps) or teacher")
+    cfg = cfg_scale if cfg_scale is not None else (settings or {}).get("cfg_scale", teacher.default_cfg_scale)
+    channels = (settings or {}).get("cfg_channels", resolve_cfg_channels(teacher, "default"))
+    return DiffusionPlan("ddim", teacher, steps=steps, cfg_scale=cfg, cfg_channels=channels)
