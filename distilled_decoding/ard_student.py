@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachers.checkpoint import CheckpointMismatchError, StateSource, check_keys, load_strict
+from teachers.checkpoint import CheckpointFileError, CheckpointMismatchError, StateSource, check_keys, load_strict
 from teachers.dit import (DiT, DiTBlock, DiTConfig, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
                           sincos_pos_embed_2d, unpatchify)
 
@@ -306,14 +306,16 @@ def load_ard_state_dict(student: ARDStudent, state: Mapping[str, torch.Tensor], 
 
 
 def load_ard_student(config: ARDConfig, source: StateSource, *, device: Union[str, torch.device] = "cpu",
-                     dtype: torch.dtype = torch.float32) -> ARDStudent:
+                     dtype: torch.dtype = torch.float32, where: Optional[str] = None) -> ARDStudent:
     """An ARD student from a checkpoint file or state dict in the ARD layout, strictly (built on the
     meta device, so it loads in about its own size). Mismatches raise one one-line
-    CheckpointMismatchError naming the keys (and the file)."""
+    CheckpointMismatchError naming the keys (and the file; `where` names an in-memory dict's origin)."""
     what = f"ARD student (S={config.num_steps}, DiT {config.dit})"
     try:
         student = load_strict(lambda: ARDStudent(config), source, device=device, dtype=dtype, what=what, nesting=())
     except CheckpointMismatchError as e:
-        raise _one_line(e, None) from None
+        raise _one_line(e, where if not isinstance(source, (str, os.PathLike)) else None) from None
+    except CheckpointFileError as e:            # NaN/inf tensors of an in-memory dict: name its origin
+        raise CheckpointFileError(f"{where}: {e}" if where else str(e)) from None
     student.pos_embed.requires_grad_(False)
     return student
