@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import click
 
@@ -260,3 +261,31 @@ def sample_cmd(out, run, baseline, data, cfg_scale, num_samples, batch_size, see
     finally:
         finish_distributed(own_pg)
 
+
+
+from .ard_train import train as _train_cmd  # noqa: E402  (defined beside its loop)
+ard_group.add_command(_train_cmd)
+
+
+@ard_group.command("demo")
+@click.option("--out", default=os.path.join("demo_out", "ard"), show_default=True, type=click.Path(file_okay=False),
+              help="Output directory (finished trajectories and runs in it are re-used).")
+@click.option("--size", "size_name", type=click.Choice(["default", "tiny"]), default="default", show_default=True,
+              help="Work budget: default fits 10 minutes on 2 CPU cores; tiny runs every stage in seconds.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="cpu", callback=device_option_check, show_default=True)
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="torch CPU threads (on a busy 2-core machine two threads run slower than one).")
+def demo_cmd(out, size_name, seed, device, threads):
+    """Build trajectories -> train KD, step distillation and ARD -> sample -> eval on digits-dit; print a Table 1."""
+    import torch
+
+    from .ard_demo import SIZES, run_ard_demo
+    torch.set_num_threads(threads)
+    info = run_ard_demo(out, SIZES[size_name], dict(ard_group.commands), seed=seed, device=device)
+    s = info["seconds"]
+    click.echo(f"\n{info['table']}\n")
+    click.echo(f"build-dataset {s['build_dataset']:.0f}s, train {s['train']:.0f}s, sample + eval "
+               f"{s['sample_and_eval']:.0f}s, total {s['total']:.0f}s. Grid (rows: the samplers, columns: the "
+               f"classes, same noise): {info['compare']}")
+    click.echo(f"Table: {os.path.join(out, 'table.md')}, all numbers: {os.path.join(out, 'results.json')}")

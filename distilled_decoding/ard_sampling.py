@@ -10,7 +10,6 @@ Diffusion samples have no tokens: the store's `tokens` are [N, 0].
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -92,31 +91,11 @@ def sample_settings(plan: DiffusionPlan, *, seed: int, labels: str, shard_size: 
 
 
 def run_teacher_spec(run: str) -> Tuple[dict, Optional[dict]]:
-    """(teacher_spec dict, trajectory settings or None) of an ARD run directory: its config.json's
-    teacher spec, else that of the trajectory set it names."""
-    from .errors import DDError
-    from .trajectories import read_manifest
-    path = os.path.join(run, "config.json")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DDError(f"{path}: not an ARD run's config ({e})") from None
-    data = cfg.get("data")
-    settings = None
-    root = data.get("root") or data.get("path") if isinstance(data, dict) else data
-    if isinstance(data, dict) and isinstance(data.get("settings"), dict):
-        settings = data["settings"]
-    elif isinstance(root, str) and os.path.exists(os.path.join(root, "manifest.json")):
-        settings = read_manifest(root)["settings"]
-    spec = cfg.get("teacher_spec") or cfg.get("teacher")
-    if not isinstance(spec, dict) and isinstance(data, dict):
-        spec = data.get("teacher_spec")
-    if not isinstance(spec, dict) and isinstance(root, str) and os.path.exists(os.path.join(root, "manifest.json")):
-        spec = read_manifest(root)["teacher_spec"]
-    if not isinstance(spec, dict):
-        raise DDError(f"{path}: names no teacher (no teacher_spec, and its data set is gone)")
-    return spec, settings
+    """(TeacherSpec dict, trajectory-set settings or None) of an ARD run directory (`dd ard train`)."""
+    from .ard_train import read_ard_run_config
+    info = read_ard_run_config(run)
+    data = info.get("data") if isinstance(info.get("data"), dict) else {}
+    return info["teacher"], data.get("settings")
 
 
 def make_plan(run, baseline, data, cfg_scale, device):
