@@ -88,9 +88,9 @@ def _cfg_channels(value: str):
     try:
         n = int(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r}: default, all or a number of channels") from None
+        raise click.BadParameter(f"{value!r}: default, all or a number of channels", param_hint="'--cfg-channels'") from None
     if n < 1:
-        raise click.BadParameter(f"{value!r}: at least 1 channel")
+        raise click.BadParameter(f"{value!r}: at least 1 channel", param_hint="'--cfg-channels'")
     return n
 
 
@@ -270,8 +270,9 @@ ard_group.add_command(_train_cmd)
 @ard_group.command("demo")
 @click.option("--out", default=os.path.join("demo_out", "ard"), show_default=True, type=click.Path(file_okay=False),
               help="Output directory (finished trajectories and runs in it are re-used).")
-@click.option("--size", "size_name", type=click.Choice(["default", "tiny"]), default="default", show_default=True,
-              help="Work budget: default fits 10 minutes on 2 CPU cores; tiny runs every stage in seconds.")
+@click.option("--size", "size_name", type=click.Choice(["default", "long", "tiny"]), default="default",
+              show_default=True, help="Work budget: default fits 10 minutes on 2 CPU cores; long trains 3x longer "
+              "(the measured table); tiny runs every stage in seconds.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", callback=device_option_check, show_default=True)
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
