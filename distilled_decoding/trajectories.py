@@ -44,9 +44,11 @@ from torch.utils.data import Dataset
 
 from teachers.vp_diffusion import spaced_timesteps
 
+from .distributed import dist_info
 from .fileio import normalise_json
+from .pairs import teacher_differences  # noqa: F401  (any teacher's describe(): re-exported for ard_train)
 from .seeding import LABEL_MODES, make_labels, sample_noise
-from .shard_store import ShardSchema, ShardStore, StoreError, build_shards, diff_settings
+from .shard_store import ShardSchema, ShardStore, StoreError, build_shards
 from .teacher_spec import TeacherSpec
 
 KEPT_RULES = ("paper", "public")
@@ -203,7 +205,6 @@ def build_trajectories(out: str, teacher, spec: TeacherSpec, *, num_samples: int
                        show_progress: bool = True, log: Callable[[str], None] = print) -> Optional[dict]:
     """Build (or complete, or extend) the trajectory set in `out`; the manifest on rank 0. Collective
     under torch.distributed. steps / cfg_scale default to the teacher's (DDIM-25 at CFG 1.5)."""
-    from .distributed import dist_info
     if num_samples <= 0 or shard_size <= 0 or batch_size <= 0:
         raise ValueError("num_samples, shard_size and batch_size must be positive")
     steps = int(teacher.default_steps if steps is None else steps)
@@ -345,13 +346,6 @@ class TrajectoryDataset(Dataset):
 
 
 # ---- checks ----------------------------------------------------------------------------------------
-def teacher_differences(settings: dict, teacher, limit: int = 3) -> list:
-    """'teacher.<key>: recorded vs now' where `teacher` differs from the one that built the set."""
-    diffs = diff_settings(settings["teacher"], normalise_json(teacher.describe()), "teacher")
-    out = [f"{name}: {a!r} recorded vs {b!r} now" for name, a, b in diffs[:limit]]
-    return out + ([f"... {len(diffs) - limit} more"] if len(diffs) > limit else [])
-
-
 def _check_tensors(st: dict, e: dict, t: dict) -> list:
     """A shard's own checks: labels and noise of (seed, index), finite states."""
     problems = []
