@@ -134,8 +134,11 @@ def _cached_attention(cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]], step:
         missing = [j for j in visible if j not in cache]
         if missing:
             raise RuntimeError(f"ARD step {step}: no cached keys for inputs {missing} (steps must run in order 0..S-1)")
-        keys = torch.cat([cache[j][0] for j in visible], dim=2)
-        values = torch.cat([cache[j][1] for j in visible], dim=2)
+        if len(visible) == 1:
+            keys, values = cache[visible[0]]
+        else:
+            keys = torch.cat([cache[j][0] for j in visible], dim=2)
+            values = torch.cat([cache[j][1] for j in visible], dim=2)
         return _attend(attn, q, keys, values).view(B, 1, L, D)
     return attention
 
@@ -159,6 +162,7 @@ class ARDStudent(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
         head_cfg = dataclasses.replace(cfg, learn_sigma=False)       # the state itself: C channels
         self.heads = nn.ModuleList([FinalLayer(head_cfg) for _ in range(config.num_steps)])
+        self._masks: Dict[tuple, torch.Tensor] = {}        # (L, device) -> token mask (not state)
         if not self.pos_embed.is_meta:
             g = cfg.input_size // cfg.patch_size
             with torch.no_grad():
@@ -183,6 +187,13 @@ class ARDStudent(nn.Module):
         """Head k on one input's tokens h [B, L, D], c [B, D] -> state k+1 [B, C, H, W]."""
         return unpatchify(self.heads[k](h, c), self.dit_cfg.patch_size, self.dit_cfg.in_channels)
 
+    def _token_mask(self, L: int, device: torch.device) -> torch.Tensor:
+        """[S·L, S·L] bool history_mask of the lower blocks, built once per device."""
+        key = (L, str(device))
+        if key not in self._masks:
+            self._masks[key] = history_mask(self.num_steps, L, self.config.mask).to(device)
+        return self._masks[key]
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced: x [B, S, C, H, W] (inputs 0..S-1), labels [B] -> [B, S, C, H, W], where
         out[:, k] is head k's prediction of state k+1 from the inputs the mask lets input k see."""
@@ -193,7 +204,7 @@ class ARDStudent(nn.Module):
         c = self._conditioning(labels, range(S))
         L = h.shape[2]
         lower = self.config.lower_layers
-        masked = _masked_attention(history_mask(S, L, self.config.mask).to(h.device)) if lower else None
+        masked = _masked_attention(self._token_mask(L, h.device)) if lower else None
         for i, block in enumerate(self.blocks):
             h = _block(block, h, c, masked if i < lower else _self_attention)
         return torch.stack([self._head(k, h[:, k], c[:, k]) for k in range(S)], dim=1)

@@ -126,11 +126,14 @@ def ard_loss(model: Union[ARDStudent, torch.nn.Module], states: torch.Tensor, la
 def resolve_teacher(data_spec: TeacherSpec, teacher: Optional[str]) -> TeacherSpec:
     """--teacher: None = the data set's teacher; a checkpoint file = the data set's teacher with
     those weights; otherwise a zoo name."""
+    from teachers import zoo_names
     if teacher is None:
         return data_spec
     if os.path.isfile(teacher):
+        if data_spec.teacher in zoo_names():
+            raise DDError(f"--teacher {teacher}: the data set's teacher is the zoo's {data_spec.teacher}, which has "
+                          "its own weights; drop --teacher")
         return dataclasses.replace(data_spec, checkpoint=os.path.abspath(teacher))
-    from teachers import zoo_names
     if teacher not in zoo_names():
         raise DDError(f"--teacher {teacher}: neither a checkpoint file nor a zoo teacher ({', '.join(zoo_names())})")
     return TeacherSpec(teacher)
@@ -268,8 +271,8 @@ def load_ard_run(run_dir: str, device: Union[str, torch.device] = "cpu", ema: bo
               help="Trajectory data set (dd ard build-dataset).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--teacher", default=None,
-              help="The teacher: a checkpoint file (the data set's teacher with these weights) or a zoo name. "
-                   "Default: the teacher recorded in the data set.")
+              help="The teacher, if not where the data set's manifest says: its checkpoint file (the same "
+                   "weights, moved) or a zoo name. It must be the teacher that built the data set.")
 @click.option("--steps", "num_steps", type=click.IntRange(min=1), default=None,
               help="Student steps S (heads); fewer than the data set's take its nested sub-trajectory. "
                    "Default: the data set's S.")

@@ -203,3 +203,15 @@ def test_dit_xl2_ard_layout_loads_strictly():
     state["heads.4.linear.bias"] = torch.zeros(()).expand(16)
     with pytest.raises(CheckpointMismatchError, match="heads.4.linear.bias"):
         load_ard_student(config, state)
+
+
+def test_heads_copy_the_whole_head_of_a_teacher_without_learned_sigma():
+    cfg = DiTConfig.from_dict(dict(TINY.to_dict(), learn_sigma=False))
+    t = DiT(cfg)
+    randomise(t, 3)
+    s = build_ard_student(t, ARDConfig(cfg.to_dict(), 2, 1, "M4", (999, 499)))
+    teacher_sd, sd = t.state_dict(), s.state_dict()
+    for k in range(2):
+        for name in ("linear.weight", "linear.bias", "adaLN_modulation.1.weight", "adaLN_modulation.1.bias"):
+            assert torch.equal(sd[f"heads.{k}.{name}"], teacher_sd[f"final_layer.{name}"])
+    assert sd["heads.0.linear.weight"].data_ptr() != sd["heads.1.linear.weight"].data_ptr()     # not shared

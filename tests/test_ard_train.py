@@ -102,7 +102,8 @@ def test_cli_refusals_are_one_line(data, tmp_path):
     base = ["train", "--data", str(data / "traj"), "--batch-size", "8", "--max-steps", "1", "--num-workers", "0",
             "--no-progress", "--threads", "1", "--device", "cpu"]
     for extra, words in [(["--steps", "5"], "num_steps 5"), (["--lower-layers", "5"], "lower_layers"),
-                         (["--teacher", "no-such-teacher"], "--teacher no-such-teacher")]:
-        r = runner.invoke(group, base + ["--out", str(tmp_path / extra[1])] + extra)
+                         (["--teacher", "no-such-teacher"], "--teacher no-such-teacher"),
+                         (["--teacher", str(data / "traj" / "manifest.json")], "has its own weights")]:
+        r = runner.invoke(group, base + ["--out", str(tmp_path / extra[1].replace("/", "_"))] + extra)
         assert r.exit_code == 1 and words in r.output, r.output
         assert r.output.startswith("dd train: error:") and len(r.output.strip().splitlines()) == 1, r.output
