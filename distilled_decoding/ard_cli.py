@@ -47,6 +47,11 @@ def _check_diffusion_spec(spec: TeacherSpec) -> None:
                                  f"{', '.join(given)}", param_hint=f"'{given[0]}'")
 
 
+def _zoo_names() -> list:
+    from teachers import zoo_names
+    return zoo_names()
+
+
 _TEACHER_OPTIONS = [
     click.option("--teacher", required=True, help="dit, or a zoo diffusion teacher (digits-dit)."),
     click.option("--config", default=None, help="DiT preset (DiT-XL/2, ...), a JSON object or a .json file."),
@@ -132,6 +137,10 @@ def build_dataset_cmd(out, num_samples, num_steps, kept, history, steps, cfg_sca
     build-dataset ...`.
     """
     from .trajectories import build_trajectories, parse_kept
+    if teacher_spec.checkpoint is None and teacher_spec.teacher not in _zoo_names():
+        # unseeded random weights would differ between the runs of one resumed build
+        raise click.BadParameter(f"--teacher {teacher_spec.teacher} needs --checkpoint (trajectories of random "
+                                 "weights could not be resumed)", param_hint="'--checkpoint'")
     try:
         rule = parse_kept(kept)
     except ValueError as e:

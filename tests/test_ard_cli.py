@@ -147,3 +147,15 @@ def test_tiny_demo_runs_every_stage_and_prints_the_table(tmp_path):
     assert gf["ard"] > gf["m1"] > gf["kd"] > 0 and gf["floor"] == pytest.approx(25 / 4 * gf["ddimS"])
     assert all(r["mean"]["s_per_image"] > 0 for r in info["rows"])
     assert os.path.getsize(info["compare"]) > 0
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(tmp_path):
+    out = tmp_path / "t"
+    for args, names in [(["--teacher", "digits-var"], "not a diffusion teacher"),
+                        (["--teacher", "dit", "--config", "DiT-S/2"], "--checkpoint"),
+                        (["--teacher", "digits-dit", "--kept", "25,9"], "strictly down from 25"),
+                        (["--teacher", "digits-dit", "--kept", "25,9,0", "--num-steps", "4"], "--num-steps"),
+                        (["--teacher", "digits-dit", "--kept", "public", "--steps", "20"], "25-step run"),
+                        (["--teacher", "digits-dit", "--cfg-channels", "0"], "--cfg-channels")]:
+        refused("ard", "build-dataset", "--out", out, "--num-samples", 2, *args, names=names)
+        assert not out.exists()
