@@ -160,7 +160,11 @@ def run_ard_demo(out: str, size: ARDDemoSize, verbs: Dict[str, click.Command], s
             args.append("--resume")
         run_verb(verbs, args, log)
     t_train = time.perf_counter() - t0 - t_data
-    configs = {k: ARDConfig.from_dict(read_ard_run_config(r)["student"]) for k, r in runs.items()}
+    run_infos = {k: read_ard_run_config(r) for k, r in runs.items()}
+    configs = {k: ARDConfig.from_dict(info["student"]) for k, info in run_infos.items()}
+    # a student's samples are named by its training step: a longer run of the same --out samples anew
+    # (a sample directory is never overwritten), while the teacher's sample sets are extended
+    tags = {k: f"-step{info.get('step', 0)}" for k, info in run_infos.items()}
     N = configs["ard"].lower_layers
 
     t_sample = time.perf_counter()
@@ -178,7 +182,7 @@ def run_ard_demo(out: str, size: ARDDemoSize, verbs: Dict[str, click.Command], s
     plan = [("teacher", ref_seed, teacher_args)] + [(k, s, a) for s in seeds for k, _, _, a in methods]
     files, used = {}, {}
     for key, s, extra in plan:
-        d = os.path.join(smp, f"{key}-seed{s}")
+        d = os.path.join(smp, f"{key}-seed{s}{tags.get(key, '')}")
         run_verb(verbs, ["sample", "--out", d, *extra, "--num-samples", size.num_samples, "--batch-size",
                          size.sample_batch, "--seed", s, "--labels", "balanced", "--device", device, "--no-progress"], log)
         files.setdefault(key, []).append(os.path.join(d, "samples.npz"))
