@@ -100,3 +100,4 @@ from .dataset_cli import build_dataset_command, dataset_group; main.add_command(
 from .sampling import sample_cmd; main.add_command(sample_cmd)  # noqa: E402,E702  dd sample
 from .train import train_command; main.add_command(train_command)  # noqa: E402,E702  dd train
 from .demo import demo_cmd; main.add_command(demo_cmd)  # noqa: E402,E702  dd demo
+from .ard_cli import ard_group; main.add_command(ard_group)  # noqa: E402,E702  dd ard build-dataset|verify|info|train|sample|demo

@@ -19,7 +19,7 @@ computed from the printed (rounded) means, so anyone can recompute it from the t
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -76,17 +76,17 @@ def score(paths: Dict[str, List[str]], reference: str, real_feats: np.ndarray, e
 
 
 def evaluate_rows(methods: Sequence[tuple], files: Dict[str, List[str]], seeds: Dict[str, List[int]],
-                  real_feats: np.ndarray, extractor, timings: Optional[Dict[str, List[float]]] = None
-                  ) -> List[dict]:
+                  real_feats: np.ndarray, extractor, timings: Optional[Dict[str, List[float]]] = None,
+                  anchor: str = ONESTEP) -> List[dict]:
     """methods: [(key, label, steps)] in table order, one key "teacher" (its single file is the
-    reference), one "floor" (the teacher at other seeds) and one "onestep"; files/seeds/timings:
-    {key: [per seed]}. -> the rows of `table_rows`, ready for `format_table`."""
+    reference), one "floor" (the teacher at other seeds) and one `anchor` (g = 1: onestep* for DD);
+    files/seeds/timings: {key: [per seed]}. -> the rows of `table_rows`, ready for `format_table`."""
     if set(seeds["teacher"]) & set(seeds[FLOOR]):
         raise ValueError(f"the floor row must use other seeds than the reference teacher draw "
                          f"({seeds[FLOOR]} vs {seeds['teacher']})")
     values = score(files, files["teacher"][0], real_feats, extractor, timings)
     return table_rows([{"key": k, "method": label, "steps": steps, "seeds": list(seeds[k]), "values": values[k]}
-                       for k, label, steps in methods])
+                       for k, label, steps in methods], anchor=anchor)
 
 
 def summarise(values: Sequence[float]) -> tuple:
@@ -113,27 +113,30 @@ HEADER = ("| method | steps | seeds | FID vs real ↓ | FID vs teacher ↓ | g �
 RULE = "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 
 
-def table_rows(rows: List[dict]) -> List[dict]:
+def table_rows(rows: List[dict], anchor: str = ONESTEP) -> List[dict]:
     """Add the printed strings and g to each row. A row: {key, method, steps, seeds: [int],
-    values: {metric: [per seed]}}; one row must have key "floor" and one key "onestep" for g, and
-    the speed-up is relative to the row with key "teacher"."""
+    values: {metric: [per seed]}}; one row must have key "floor" and one key `anchor` (onestep* for
+    DD) for g, and the speed-up is relative to the row with key "teacher"."""
     printed = {r["key"]: round(summarise(r["values"]["fid_teacher"])[0], 2) for r in rows}
     t_teacher = summarise(next(r for r in rows if r["key"] == "teacher")["values"]["s_per_image"])[0]
     out = []
     for r in rows:
         v = r["values"]
         m = {k: summarise(v[k]) for k in METRICS}
-        g = (normalised_gap(printed[r["key"]], printed[FLOOR], printed[ONESTEP])
-             if FLOOR in printed and ONESTEP in printed and r["key"] != "teacher" else float("nan"))
+        g = (normalised_gap(printed[r["key"]], printed[FLOOR], printed[anchor])
+             if FLOOR in printed and anchor in printed and r["key"] != "teacher" else float("nan"))
         spi = m["s_per_image"][0]
         out.append({**r, "mean": {k: m[k][0] for k in METRICS}, "spread": {k: m[k][1] for k in METRICS},
                     "g": g, "speedup": t_teacher / spi if spi > 0 else float("inf")})
     return out
 
 
-def format_table(rows: List[dict], title: str, notes: Sequence[str] = ()) -> str:
-    """Markdown: the paper's Table 1 columns plus seeds, g, precision and recall (rows of `table_rows`)."""
-    lines = [f"**{title}**", "", HEADER, RULE]
+def format_table(rows: List[dict], title: str, notes: Sequence[str] = (),
+                 extra_columns: Sequence[Tuple[str, Callable[[dict], str]]] = ()) -> str:
+    """Markdown: the paper's Table 1 columns plus seeds, g, precision and recall (rows of `table_rows`);
+    extra_columns: (header, row -> cell text) appended on the right (ARD: GFLOPs, MSE to the teacher)."""
+    head = HEADER + "".join(f" {h} |" for h, _ in extra_columns)
+    lines = [f"**{title}**", "", head, RULE + "---:|" * len(extra_columns)]
     for r in rows:
         m = r["mean"]
         s = r["spread"] if len(r["seeds"]) > 1 else dict.fromkeys(r["spread"])
@@ -143,7 +146,8 @@ def format_table(rows: List[dict], title: str, notes: Sequence[str] = ()) -> str
         rec = "—" if r["key"] == "teacher" else _pm(m["recall"], s["recall"], 3)
         lines.append(f"| {r['method']} | {r['steps']} | {','.join(map(str, r['seeds']))} | "
                      f"{_pm(m['fid_real'], s['fid_real'], 2)} | {fid_t} | {g} | {prec} | {rec} | "
-                     f"{_pm(m['acc'], s['acc'], 1, pct=True)} | {1e3 * m['s_per_image']:.2f} | {r['speedup']:.1f}× |")
+                     f"{_pm(m['acc'], s['acc'], 1, pct=True)} | {1e3 * m['s_per_image']:.2f} | {r['speedup']:.1f}× |"
+                     + "".join(f" {cell(r)} |" for _, cell in extra_columns))
     if notes:
         lines += [""] + list(notes)
     return "\n".join(lines)
@@ -151,10 +155,11 @@ def format_table(rows: List[dict], title: str, notes: Sequence[str] = ()) -> str
 
 def parse_table(markdown: str) -> Dict[str, dict]:
     """The rows of a `format_table` table -> {method: {column: printed text}} (for tests and tools)."""
-    head = [c.strip() for c in HEADER.strip("|").split("|")]
+    header = next((ln for ln in markdown.splitlines() if ln.startswith(HEADER)), HEADER)   # with extra columns
+    head = [c.strip() for c in header.strip().strip("|").split("|")]
     out = {}
     for line in markdown.splitlines():
-        if not line.startswith("| ") or line == HEADER:
+        if not line.startswith("| ") or line == header:
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == len(head):

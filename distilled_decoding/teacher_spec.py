@@ -99,8 +99,9 @@ class TeacherSpec:
             raise ValueError(f"unknown TeacherSpec fields: {sorted(unknown)}")
         return cls(**d)
 
-    def load(self, device: Union[str, torch.device] = "cpu") -> Teacher:
-        """Build the teacher on `device`, in eval mode."""
+    def load(self, device: Union[str, torch.device] = "cpu", diffusion: bool = False) -> Teacher:
+        """Build the teacher on `device`, in eval mode: an AR `Teacher` (what DD distils), or with
+        `diffusion` a `teachers.diffusion_base.DiffusionTeacher` (what ARD distils)."""
         from teachers import load_teacher
         options = {}
         if self.ema:  # only passed when asked for: not every family/zoo loader takes it
@@ -111,7 +112,12 @@ class TeacherSpec:
                                tokenizer_config=self.tokenizer_config,
                                tokenizer_checkpoint=self.tokenizer_checkpoint,
                                device=device, dtype=DTYPES[self.dtype], **options)
-        if not isinstance(teacher, Teacher):
+        if diffusion:
+            from teachers.diffusion_base import DiffusionTeacher
+            if not isinstance(teacher, DiffusionTeacher):
+                raise ValueError(f"{self.teacher!r} is an AR teacher ({type(teacher).__name__}); ARD distils "
+                                 "diffusion teachers only (dit, digits-dit)")
+        elif not isinstance(teacher, Teacher):
             raise ValueError(f"{self.teacher!r} is a diffusion teacher ({type(teacher).__name__}); DD distils "
                              "AR teachers only")
         return teacher.eval()

@@ -133,6 +133,15 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
     return torch.from_numpy(emb).float()
 
 
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """[B, L, p*p*C] -> [B, C, h*p, w*p] (row-major patches, (p, p, C) inside a token)."""
+    B, L, _ = x.shape
+    p, C = patch_size, channels
+    h = int(round(math.sqrt(L)))
+    x = x.reshape(B, h, h, p, p, C).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, C, h * p, h * p)
+
+
 class PatchEmbed(nn.Module):
     """x [B, C, H, W] -> [B, (H/p)(W/p), D] (timm's layout: `proj` is the strided conv)."""
 
@@ -267,12 +276,8 @@ class DiT(nn.Module):
         return self.cfg.num_classes if self.cfg.class_dropout_prob > 0 else None
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, L, p*p*C] -> [B, C, h*p, w*p] (row-major patches, (p, p, C) inside a token)."""
-        B, L, _ = x.shape
-        p, C = self.cfg.patch_size, self.cfg.out_channels
-        h = int(round(math.sqrt(L)))
-        x = x.reshape(B, h, h, p, p, C).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(B, C, h * p, h * p)
+        """[B, L, p*p*C] -> [B, C, h*p, w*p] (see `unpatchify`)."""
+        return unpatchify(x, self.cfg.patch_size, self.cfg.out_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = self.x_embedder(x) + self.pos_embed

@@ -1,0 +1,318 @@
+"""`dd ard train`: distil a DiT teacher into an ARD student (`ard_student.py`) on its trajectories.
+
+    dd ard train --data traj/ --out runs/ard-dit [--steps 4] [--mask M4] [--lower-layers 6] ...
+    torchrun --nproc_per_node=8 -m distilled_decoding ard train --data traj/ --out runs/x ...
+
+One step: a batch of teacher trajectories states [B, S+1, C, H, W] (`trajectories.TrajectoryDataset`,
+slot 0 the noise, slot S the teacher's x_0), one teacher-forced forward of the student on inputs
+0..S-1, and the loss Σ_k mean‖out[:, k] − states[:, k+1]‖² (the paper's regression loss: the mean
+over a state's elements, summed over the S steps; logged per step as step0..step{S-1}). No
+adversarial (R+D) stage.
+
+Defaults are the paper's (public code): AdamW lr 1e-4, weight decay 0, clip 1.0, EMA 0.9999, 300k
+steps, mask M4. N (--lower-layers) defaults to the paper's 6 of 28 blocks scaled to the teacher's
+depth, at least 1 (`default_lower_layers`: DiT-XL/2 6, a depth-12 DiT 3, the 4-block digits-dit 1).
+--steps S' < the data set's S trains on the nested sub-trajectory (e.g. S = 2 or 1 from an S = 4 set).
+
+The loop (micro-batching, DDP, bf16, EMA, checkpoints, exact resume, metrics) is `trainer.train_loop`.
+Run directory (`--out`), read by `load_ard_run`:
+
+    config.json                 {"format": "ard-student", "student": ARDConfig, "teacher": TeacherSpec, ...}
+    student.safetensors         EMA weights in the ARD key layout (hard link to the latest checkpoint's)
+    student_raw.safetensors     the raw weights
+    checkpoints/step-XXXXXXXX/{model,ema}.safetensors, optimizer.pt, state.json
+    metrics.jsonl, curves.png
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import click
+import torch
+from torch.utils.data import Dataset
+
+from teachers.checkpoint import load_safetensors
+
+from . import plots
+from .ard_student import ARDConfig, ARDStudent, build_ard_student, load_ard_student
+from .distributed import barrier, device_option_check, finish_distributed, init_distributed
+from .errors import DDError
+from .fileio import file_sha256
+from .history_mask import MASKS, canonical
+from .run_dir import (CONFIG_FILE, METRICS_FILE, claim_run_dir, publish, read_run_config as _read_config,
+                      write_run_config as _write_config)
+from .teacher_spec import TeacherSpec
+from .trainer import LoopConfig, micro_batch_size, resolve_precision, resume_or_refuse, train_loop, update_ema
+from .trajectories import TrajectoryDataset, teacher_differences
+
+RUN_FORMAT = "ard-student"
+RUN_FORMAT_VERSION = 1
+WEIGHTS_FILE = "student.safetensors"
+RAW_WEIGHTS_FILE = "student_raw.safetensors"
+PAPER_LOWER_LAYERS, PAPER_DEPTH = 6, 28
+
+# Arguments that define the stream of batches and updates: a resume must keep them.
+STREAM_ARGS = ("batch_size", "grad_accum", "seed", "num_steps", "lower_layers", "mask", "lr", "weight_decay",
+               "ema_decay", "grad_clip", "precision")
+
+
+def default_lower_layers(depth: int) -> int:
+    """The paper's N = 6 of 28 blocks scaled to `depth`, at least 1 (28 -> 6, 12 -> 3, 4 -> 1)."""
+    return min(depth, max(1, round(depth * PAPER_LOWER_LAYERS / PAPER_DEPTH)))
+
+
+@dataclass
+class ARDTrainArgs:
+    """`dd ard train` options (see the CLI help). teacher None = the data set's; num_steps None = the
+    data set's S; lower_layers None = default_lower_layers(depth); mask None = M4 (a resume keeps the
+    run's unless given); precision None = bf16 on CUDA with bf16 support; threads None = torch's."""
+
+    data: str
+    out: str
+    teacher: Optional[str] = None
+    num_steps: Optional[int] = None
+    lower_layers: Optional[int] = None
+    mask: Optional[str] = None
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0
+    max_steps: int = 300_000
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    num_workers: int = 2
+    seed: int = 0
+    precision: Optional[str] = None
+    device: Optional[str] = None
+    threads: Optional[int] = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ByPosition(Dataset):
+    """Items keyed by (epoch, position), as train_loop asks: the trajectory at `position`."""
+
+    def __init__(self, items: Dataset):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key) -> dict:
+        _, i = key
+        item = self.items[i]
+        return {"states": item["states"], "labels": item["labels"]}
+
+
+def ard_loss(model: Union[ARDStudent, torch.nn.Module], states: torch.Tensor, labels: torch.Tensor):
+    """states [B, S+1, C, H, W], labels [B] -> (Σ_k mean over (batch, elements) of (out[:, k] −
+    states[:, k+1])², {"step{k}": [B] per-sample mean squared error of step k})."""
+    out = model(states[:, :-1], labels)                                      # [B, S, C, H, W]
+    per = (out.float() - states[:, 1:].float()).pow(2).flatten(2).mean(-1)   # [B, S]
+    return per.mean(0).sum(), {f"step{k}": per[:, k] for k in range(per.shape[1])}
+
+
+def resolve_teacher(data_spec: TeacherSpec, teacher: Optional[str]) -> TeacherSpec:
+    """--teacher: None = the data set's teacher; a checkpoint file = the data set's teacher with
+    those weights; otherwise a zoo name."""
+    from teachers import zoo_names
+    if teacher is None:
+        return data_spec
+    if os.path.isfile(teacher):
+        if data_spec.teacher in zoo_names():
+            raise DDError(f"--teacher {teacher}: the data set's teacher is the zoo's {data_spec.teacher}, which has "
+                          "its own weights; drop --teacher")
+        return dataclasses.replace(data_spec, checkpoint=os.path.abspath(teacher))
+    if teacher not in zoo_names():
+        raise DDError(f"--teacher {teacher}: neither a checkpoint file nor a zoo teacher ({', '.join(zoo_names())})")
+    return TeacherSpec(teacher)
+
+
+def train_ard(args: ARDTrainArgs, log: Callable[[str], None] = print) -> dict:
+    """Train (or resume) an ARD student; collective under torchrun. Returns the last metrics record."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, device, own_pg = init_distributed(args.device)
+    try:
+        last = _train(args, rank, world, device, log if rank == 0 else (lambda s: None))
+        barrier(world)
+        return last
+    finally:
+        finish_distributed(own_pg)
+
+
+def _train(args: ARDTrainArgs, rank: int, world: int, device: str, log: Callable[[str], None]) -> dict:
+    micro = micro_batch_size(args.batch_size, world, args.grad_accum)
+    precision = resolve_precision(args.precision, device)
+    out = args.out
+    torch.manual_seed(args.seed * world + rank)
+
+    claim_run_dir(out, resume=args.resume, overwrite=args.overwrite, remove=rank == 0)
+    barrier(world)
+
+    if args.resume and os.path.exists(os.path.join(out, CONFIG_FILE)):
+        # a resume keeps the run's student unless given (then it must match: resume_or_refuse)
+        saved = ARDConfig.from_dict(read_ard_run_config(out)["student"])
+        args = dataclasses.replace(args, num_steps=args.num_steps or saved.num_steps, mask=args.mask or saved.mask,
+                                   lower_layers=saved.lower_layers if args.lower_layers is None else args.lower_layers)
+
+    # -- data and teacher --
+    data = TrajectoryDataset(args.data, num_steps=args.num_steps, verify=True)   # every shard's sha256, once
+    spec = resolve_teacher(data.teacher_spec, args.teacher)
+    teacher = spec.load(device, diffusion=True)
+    wrong = teacher_differences(data.settings, teacher)
+    if wrong:
+        raise DDError(f"--teacher {args.teacher or spec.teacher}: not the teacher that built {args.data} "
+                      f"({'; '.join(wrong)})")
+    dit = teacher.model.cfg
+    lower = default_lower_layers(dit.depth) if args.lower_layers is None else args.lower_layers
+    config = ARDConfig(dit.to_dict(), data.num_steps, lower, canonical(args.mask or "M4"), data.timesteps)
+    args = dataclasses.replace(args, num_steps=config.num_steps, lower_layers=config.lower_layers, mask=config.mask)
+
+    # -- student, EMA, optimizer --
+    student = build_ard_student(teacher.model, config).float().train()
+    del teacher
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
+    update_ema(ema, student, 0.0)                                   # synced at decay 0 (DiT)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
+                            weight_decay=args.weight_decay)
+
+    manifest_sha = file_sha256(os.path.join(args.data, "manifest.json"))
+    now = dict(args.to_dict(), precision=precision)
+    stream = {k: now[k] for k in STREAM_ARGS}
+    stream["data (manifest.json sha256)"] = manifest_sha
+
+    def saved_stream(state: dict) -> dict:
+        old = {k: state.get("train", {}).get(k) for k in STREAM_ARGS}
+        old["data (manifest.json sha256)"] = state.get("data_manifest_sha256")
+        return old
+
+    step = resume_or_refuse(out, args.resume, {"model": student, "ema": ema}, opt, device, stream, saved_stream, log)
+
+    run_info = {
+        "teacher": spec.to_dict(),
+        "data": {"dir": os.path.abspath(args.data), "manifest_sha256": manifest_sha, "num_samples": len(data),
+                 "kept": list(data.kept), "history": data.history, "settings": data.settings},
+        "train": dict(args.to_dict(), precision=precision, world_size=world, micro_batch=micro),
+    }
+    n_params = sum(p.numel() for p in student.parameters()) / 1e6
+    log(f"ARD student: {n_params:.2f}M params; S = {config.num_steps}, N = {config.lower_layers} of {dit.depth} "
+        f"blocks, mask {config.mask}, time labels {list(config.timesteps)}; {len(data)} trajectories "
+        f"(history {data.history}); batch {args.batch_size} = {world} rank(s) x {args.grad_accum} accum x {micro}; "
+        f"precision {precision}")
+
+    part_names = tuple(f"step{k}" for k in range(config.num_steps))
+
+    def loss_fn(model: torch.nn.Module, batch: dict):
+        states = batch["states"].to(device, non_blocking=True).float()
+        labels = batch["labels"].to(device, non_blocking=True).long()
+        return ard_loss(model, states, labels)
+
+    def on_checkpoint(path: str, at: int) -> None:
+        publish(out, path, {"ema.safetensors": WEIGHTS_FILE, "model.safetensors": RAW_WEIGHTS_FILE})
+        write_ard_run_config(out, config, dict(run_info, step=at, weights="ema"))
+
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+    loop = LoopConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, ema_decay=args.ema_decay,
+                      grad_clip=args.grad_clip, max_steps=args.max_steps, ckpt_every=args.ckpt_every,
+                      keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
+                      num_workers=args.num_workers, seed=args.seed, precision=precision, progress=args.progress)
+    last = train_loop(
+        model=student, ema=ema, opt=opt, loss_fn=loss_fn, dataset=ByPosition(data), part_names=part_names, cfg=loop,
+        out=out, rank=rank, world=world, device=device, step=step,
+        checkpoint_weights=lambda: {"model": (student.state_dict(), {"weights": "raw"}),
+                                    "ema": (ema.state_dict(), {"weights": "ema"})},
+        checkpoint_state={"train": run_info["train"], "data_manifest_sha256": manifest_sha},
+        on_checkpoint=on_checkpoint, log=log, desc="dd ard train",
+        on_log=lambda rec: plots.update_curves(out, os.path.join(out, METRICS_FILE), rec["step"], args.log_every,
+                                               args.ckpt_every, args.max_steps, log))
+    log(f"done: {max(step, args.max_steps)} steps; student in {out}")
+    return last
+
+
+# ---- the run directory -----------------------------------------------------------------------------
+def write_ard_run_config(run_dir: str, config: ARDConfig, extra: dict) -> None:
+    _write_config(run_dir, RUN_FORMAT, RUN_FORMAT_VERSION, dict(extra, student=config.to_dict()))
+
+
+def read_ard_run_config(run_dir: str) -> dict:
+    """config.json of an ARD run: "student" (ARDConfig dict), "teacher" (TeacherSpec dict), "data", "train"."""
+    return _read_config(run_dir, RUN_FORMAT, what="ARD run")
+
+
+def load_ard_run(run_dir: str, device: Union[str, torch.device] = "cpu", ema: bool = True) -> ARDStudent:
+    """The student of a run directory, in eval mode: the EMA weights (student.safetensors), or with
+    ema=False the raw ones (student_raw.safetensors). Loaded strictly (ard_student.load_ard_student)."""
+    info = read_ard_run_config(run_dir)
+    config = ARDConfig.from_dict(info["student"])
+    path = os.path.join(run_dir, WEIGHTS_FILE if ema else RAW_WEIGHTS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir}: no {os.path.basename(path)} (no checkpoint written yet?)")
+    # cloned: safetensors hands out views at arbitrary alignment (other SIMD paths, last-bit differences)
+    state = {k: v.clone() for k, v in load_safetensors(path).items()}
+    return load_ard_student(config, state, device=device, where=path).eval()
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+@click.command("train")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Trajectory data set (dd ard build-dataset).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--teacher", default=None,
+              help="The teacher, if not where the data set's manifest says: its checkpoint file (the same "
+                   "weights, moved) or a zoo name. It must be the teacher that built the data set.")
+@click.option("--steps", "num_steps", type=click.IntRange(min=1), default=None,
+              help="Student steps S (heads); fewer than the data set's take its nested sub-trajectory. "
+                   "Default: the data set's S.")
+@click.option("--mask", type=click.Choice(list(MASKS) + ["current", "window", "noise", "causal"]), default=None,
+              help="History mask of the lower blocks: M1 current only (step distillation), M2 window of 2, "
+                   "M3 noise + current, M4 block-causal.  [default: M4]")
+@click.option("--lower-layers", type=click.IntRange(min=0), default=None,
+              help="N, the lower blocks that see the history. Default: the paper's 6 of 28 scaled to the "
+                   "teacher's depth, at least 1 (DiT-XL/2 6, digits-dit 1).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Global batch size.")
+@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Gradient accumulation steps.")
+@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--weight-decay", default=0.0, show_default=True, type=float)
+@click.option("--ema-decay", default=0.9999, show_default=True, type=click.FloatRange(0.0, 1.0))
+@click.option("--grad-clip", default=1.0, show_default=True, type=float)
+@click.option("--max-steps", default=300_000, show_default=True, type=click.IntRange(min=1))
+@click.option("--ckpt-every", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--keep-checkpoints", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--num-workers", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="bf16 autocast or fp32. Default: bf16 on CUDA with bf16 support, else fp32.")
+@click.option("--device", default=None, callback=device_option_check, help="cpu, cuda ... Default: cuda when available.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads. Default: torch's.")
+@click.option("--resume", is_flag=True, default=False, help="Continue from the latest checkpoint in --out.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Replace the run already in --out (without it, a non-empty --out is refused).")
+@click.option("--no-progress", is_flag=True, default=False)
+def train(data, out, teacher, num_steps, mask, lower_layers, batch_size, grad_accum, lr, weight_decay, ema_decay,
+          grad_clip, max_steps, ckpt_every, keep_checkpoints, log_every, num_workers, seed, precision, device, threads,
+          resume, overwrite, no_progress):
+    """Train an ARD student on a DiT teacher's trajectories (multi-process under torchrun)."""
+    args = ARDTrainArgs(data=data, out=out, teacher=teacher, num_steps=num_steps, lower_layers=lower_layers,
+                        mask=mask, batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
+                        ema_decay=ema_decay, grad_clip=grad_clip, max_steps=max_steps, ckpt_every=ckpt_every,
+                        keep_checkpoints=keep_checkpoints, log_every=log_every, num_workers=num_workers, seed=seed,
+                        precision=precision, device=device, threads=threads, resume=resume, overwrite=overwrite,
+                        progress=not no_progress)
+    try:
+        train_ard(args, log=click.echo)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise click.ClickException(str(e)) from e
