@@ -37,16 +37,15 @@ from torch.utils.data import Dataset
 
 from teachers.checkpoint import load_safetensors
 
-from . import plots
 from .ard_student import ARDConfig, ARDStudent, build_ard_student, load_ard_student
-from .distributed import barrier, device_option_check, finish_distributed, init_distributed
+from .distributed import barrier, device_option_check
 from .errors import DDError
 from .fileio import file_sha256
 from .history_mask import MASKS, canonical
-from .run_dir import (CONFIG_FILE, METRICS_FILE, claim_run_dir, publish, read_run_config as _read_config,
+from .run_dir import (CONFIG_FILE, claim_run_dir, publish, read_run_config as _read_config,
                       write_run_config as _write_config)
 from .teacher_spec import TeacherSpec
-from .trainer import LoopConfig, micro_batch_size, resolve_precision, resume_or_refuse, train_loop, update_ema
+from .trainer import micro_batch_size, on_ranks, resolve_precision, resume_or_refuse, run_training, update_ema
 from .trajectories import TrajectoryDataset, teacher_differences
 
 RUN_FORMAT = "ard-student"
@@ -143,13 +142,7 @@ def train_ard(args: ARDTrainArgs, log: Callable[[str], None] = print) -> dict:
     """Train (or resume) an ARD student; collective under torchrun. Returns the last metrics record."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world, device, own_pg = init_distributed(args.device)
-    try:
-        last = _train(args, rank, world, device, log if rank == 0 else (lambda s: None))
-        barrier(world)
-        return last
-    finally:
-        finish_distributed(own_pg)
+    return on_ranks(_train, args, log)
 
 
 def _train(args: ARDTrainArgs, rank: int, world: int, device: str, log: Callable[[str], None]) -> dict:
@@ -189,16 +182,8 @@ def _train(args: ARDTrainArgs, rank: int, world: int, device: str, log: Callable
                             weight_decay=args.weight_decay)
 
     manifest_sha = file_sha256(os.path.join(args.data, "manifest.json"))
-    now = dict(args.to_dict(), precision=precision)
-    stream = {k: now[k] for k in STREAM_ARGS}
-    stream["data (manifest.json sha256)"] = manifest_sha
-
-    def saved_stream(state: dict) -> dict:
-        old = {k: state.get("train", {}).get(k) for k in STREAM_ARGS}
-        old["data (manifest.json sha256)"] = state.get("data_manifest_sha256")
-        return old
-
-    step = resume_or_refuse(out, args.resume, {"model": student, "ema": ema}, opt, device, stream, saved_stream, log)
+    step = resume_or_refuse(out, args.resume, {"model": student, "ema": ema}, opt, device,
+                            dict(args.to_dict(), precision=precision), STREAM_ARGS, manifest_sha, log)
 
     run_info = {
         "teacher": spec.to_dict(),
@@ -225,21 +210,14 @@ def _train(args: ARDTrainArgs, rank: int, world: int, device: str, log: Callable
 
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-    loop = LoopConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, ema_decay=args.ema_decay,
-                      grad_clip=args.grad_clip, max_steps=args.max_steps, ckpt_every=args.ckpt_every,
-                      keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
-                      num_workers=args.num_workers, seed=args.seed, precision=precision, progress=args.progress)
-    last = train_loop(
-        model=student, ema=ema, opt=opt, loss_fn=loss_fn, dataset=ByPosition(data), part_names=part_names, cfg=loop,
-        out=out, rank=rank, world=world, device=device, step=step,
+    return run_training(
+        args, precision, out=out, step=step, log=log, desc="dd ard train",
+        model=student, ema=ema, opt=opt, loss_fn=loss_fn, dataset=ByPosition(data), part_names=part_names,
+        rank=rank, world=world, device=device,
         checkpoint_weights=lambda: {"model": (student.state_dict(), {"weights": "raw"}),
                                     "ema": (ema.state_dict(), {"weights": "ema"})},
         checkpoint_state={"train": run_info["train"], "data_manifest_sha256": manifest_sha},
-        on_checkpoint=on_checkpoint, log=log, desc="dd ard train",
-        on_log=lambda rec: plots.update_curves(out, os.path.join(out, METRICS_FILE), rec["step"], args.log_every,
-                                               args.ckpt_every, args.max_steps, log))
-    log(f"done: {max(step, args.max_steps)} steps; student in {out}")
-    return last
+        on_checkpoint=on_checkpoint)
 
 
 # ---- the run directory -----------------------------------------------------------------------------

@@ -38,18 +38,17 @@ import click
 import torch
 from torch.utils.data import Dataset
 
-from . import plots
 from .dataset import PairDataset
 from .dd_loss import dd_loss, make_emb_loss
-from .distributed import barrier, device_option_check, finish_distributed, init_distributed
+from .distributed import barrier, device_option_check
 from .fileio import file_sha256, save_state_dict
 from .errors import DDError
 from .pairs import teacher_differences
-from .run_dir import METRICS_FILE, claim_run_dir, publish
+from .run_dir import claim_run_dir, publish
 from .seeding import sample_timestep
 from .student import DDStudent, build_student
 from .student_run import CODEBOOK_FILE, CONFIG_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE, read_run_config, write_run_config
-from .trainer import LoopConfig, micro_batch_size, resolve_precision, resume_or_refuse, train_loop, update_ema
+from .trainer import micro_batch_size, on_ranks, resolve_precision, resume_or_refuse, run_training, update_ema
 
 # Arguments that define the stream of batches, timesteps and updates: a resume must keep them.
 STREAM_ARGS = ("batch_size", "grad_accum", "seed", "timesteps", "split", "lambda_ce", "lambda_emb", "emb_loss",
@@ -116,13 +115,7 @@ class WithTimesteps(Dataset):
 
 def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict:
     """Train (or resume) a DD student; collective under torchrun. Returns the last metrics record."""
-    rank, world, device, own_pg = init_distributed(args.device)
-    try:
-        last = _train(args, rank, world, device, log if rank == 0 else (lambda s: None))
-        barrier(world)
-        return last
-    finally:
-        finish_distributed(own_pg)
+    return on_ranks(_train, args, log)
 
 
 def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[str], None]) -> dict:
@@ -166,16 +159,8 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
     # -- resume --
     manifest_sha = file_sha256(os.path.join(args.data, "manifest.json"))
     now = dict(args.to_dict(), timesteps=list(cfg.timesteps), split=cfg.split, precision=precision)
-    stream = {k: now[k] for k in STREAM_ARGS}
-    stream["data (manifest.json sha256)"] = manifest_sha
-
-    def saved_stream(state: dict) -> dict:
-        old = {k: state.get("train", {}).get(k) for k in STREAM_ARGS}
-        old["data (manifest.json sha256)"] = state.get("data_manifest_sha256")
-        return old
-
     step = resume_or_refuse(out, args.resume, {"model": student.backbone, "ema": ema.backbone}, opt,
-                            student.codebook.device, stream, saved_stream, log)
+                            student.codebook.device, now, STREAM_ARGS, manifest_sha, log)
 
     if getattr(student.backbone, "init_notes", None) and not args.resume:
         log(f"init: {student.backbone.init_notes}")
@@ -208,21 +193,14 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
 
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-    loop = LoopConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, ema_decay=args.ema_decay,
-                      grad_clip=args.grad_clip, max_steps=args.max_steps, ckpt_every=args.ckpt_every,
-                      keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
-                      num_workers=args.num_workers, seed=args.seed, precision=precision, progress=args.progress)
-    last = train_loop(
+    return run_training(
+        args, precision, out=out, step=step, log=log, desc="dd train",
         model=student, ema=ema, opt=opt, loss_fn=loss_fn, dataset=WithTimesteps(pairs, cfg.timesteps, args.seed),
-        part_names=("ce", "emb"), cfg=loop, out=out, rank=rank, world=world, device=device, step=step,
+        part_names=("ce", "emb"), rank=rank, world=world, device=device,
         checkpoint_weights=lambda: {"model": (student.backbone.state_dict(), {"weights": "raw"}),
                                     "ema": (ema.backbone.state_dict(), {"weights": "ema"})},
         checkpoint_state={"train": run_info["train"], "data_manifest_sha256": manifest_sha},
-        on_checkpoint=on_checkpoint, log=log, desc="dd train",
-        on_log=lambda rec: plots.update_curves(out, os.path.join(out, METRICS_FILE), rec["step"], args.log_every,
-                                               args.ckpt_every, args.max_steps, log))
-    log(f"done: {max(step, args.max_steps)} steps; student in {out}")
-    return last
+        on_checkpoint=on_checkpoint)
 
 
 def _publish(out: str, ckpt: str, student: DDStudent, cfg, info: dict) -> None:

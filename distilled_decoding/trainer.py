@@ -14,6 +14,7 @@ with settings that change that stream is refused (`resume_or_refuse`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import os
 import sys
@@ -26,9 +27,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from teachers.checkpoint import CheckpointFileError
 
-from .distributed import barrier, mean_over_ranks
+from .distributed import barrier, finish_distributed, init_distributed, mean_over_ranks
 from .errors import DDError
-from .run_dir import (CKPT_DIR, append_metrics, checkpoint_dirs, latest_checkpoint, load_checkpoint,
+from .run_dir import (CKPT_DIR, METRICS_FILE, append_metrics, checkpoint_dirs, latest_checkpoint, load_checkpoint,
                       save_checkpoint, truncate_metrics)
 
 LossFn = Callable[[torch.nn.Module, dict], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
@@ -104,13 +105,17 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         be.copy_(bm)
 
 
+DATA_KEY = "data (manifest.json sha256)"
+
+
 def resume_or_refuse(out: str, resume: bool, modules: Dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
-                     device, stream: Dict[str, object], saved_stream: Callable[[dict], Dict[str, object]],
+                     device, settings: Dict[str, object], stream_keys: Sequence[str], manifest_sha: str,
                      log: Callable[[str], None]) -> int:
     """The step to start from. resume: load the latest checkpoint of `out` into `modules` ({file stem:
-    module}, strictly) and `opt`, refusing when `saved_stream(state.json)` differs from `stream` (the
-    settings that define the stream of batches and updates). Without resume, a run directory that
-    already holds checkpoints is refused."""
+    module}, strictly) and `opt`, refusing when the run's settings named by `stream_keys` (those that
+    define the stream of batches and updates; state.json's "train") or its data set (state.json's
+    "data_manifest_sha256") differ from `settings` and `manifest_sha`. Without resume, a run directory
+    that already holds checkpoints is refused."""
     ckpt = latest_checkpoint(out)
     if not resume:
         if ckpt is not None:
@@ -122,7 +127,8 @@ def resume_or_refuse(out: str, resume: bool, modules: Dict[str, torch.nn.Module]
     for stem, module in modules.items():
         module.load_state_dict(weights[stem], strict=True)
     opt.load_state_dict(opt_state)
-    old = saved_stream(state)
+    stream = dict({k: settings[k] for k in stream_keys}, **{DATA_KEY: manifest_sha})
+    old = dict({k: state.get("train", {}).get(k) for k in stream_keys}, **{DATA_KEY: state.get("data_manifest_sha256")})
     diffs = [(k, old.get(k), v) for k, v in stream.items() if old.get(k) != v]
     if diffs:
         raise ValueError("--resume with other settings than the run's: "
@@ -262,3 +268,34 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
         if bar is not None:
             bar.close()
     return last
+
+
+def loop_config(args, precision: str) -> LoopConfig:
+    """The LoopConfig of a method's options dataclass (its fields of the same names)."""
+    names = [f.name for f in dataclasses.fields(LoopConfig) if f.name != "precision"]
+    return LoopConfig(precision=precision, **{n: getattr(args, n) for n in names})
+
+
+def run_training(args, precision: str, *, out: str, step: int, log: Callable[[str], None], desc: str,
+                 **loop) -> dict:
+    """`train_loop` with the LoopConfig of `args`, the loss curves redrawn at every metrics line
+    (plots.update_curves) and the closing line; `loop`: train_loop's other keyword arguments."""
+    from . import plots
+    last = train_loop(cfg=loop_config(args, precision), out=out, step=step, log=log, desc=desc,
+                      on_log=lambda rec: plots.update_curves(out, os.path.join(out, METRICS_FILE), rec["step"],
+                                                             args.log_every, args.ckpt_every, args.max_steps, log),
+                      **loop)
+    log(f"done: {max(step, args.max_steps)} steps; student in {out}")
+    return last
+
+
+def on_ranks(body: Callable[..., dict], args, log: Callable[[str], None]) -> dict:
+    """body(args, rank, world, device, log) on every rank (collective under torchrun; `args.device`
+    None = cuda when available), logging on rank 0 only. Returns body's result."""
+    rank, world, device, own_pg = init_distributed(args.device)
+    try:
+        last = body(args, rank, world, device, log if rank == 0 else (lambda s: None))
+        barrier(world)
+        return last
+    finally:
+        finish_distributed(own_pg)
