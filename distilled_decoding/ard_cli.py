@@ -13,7 +13,6 @@ ranks, a directory is never overwritten with other settings. See docs/ard.md.
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import click
@@ -21,6 +20,7 @@ import click
 from .distributed import default_device, device_option_check, dist_info, finish_distributed, init_distributed
 from .seeding import LABEL_MODES
 from .shard_store import StoreError
+from .store_cli import echo_info, report_problems
 from .teacher_spec import DTYPES, TeacherSpec
 from .trajectories import HISTORY_KINDS
 
@@ -179,11 +179,7 @@ def verify_cmd(root, recompute, atol, device, batch_size):
                                        atol=atol, log=click.echo)
     except (StoreError, ValueError) as e:
         raise click.ClickException(str(e)) from e
-    if problems:
-        for p in problems:
-            click.echo(f"FAIL: {p}", err=True)
-        raise SystemExit(1)
-    click.echo("OK")
+    report_problems(problems)
 
 
 @ard_group.command("info")
@@ -196,11 +192,7 @@ def info_cmd(root, as_json):
         info = trajectory_info(root)
     except StoreError as e:
         raise click.ClickException(str(e)) from e
-    if as_json:
-        click.echo(json.dumps(info, indent=1))
-        return
-    for k, v in info.items():
-        click.echo(f"{k:>12}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    echo_info(info, as_json)
 
 
 @ard_group.command("sample")
@@ -244,11 +236,7 @@ def sample_cmd(out, run, baseline, data, cfg_scale, num_samples, batch_size, see
             problems = verify_samples(out, log=click.echo)
         except (StoreError, ValueError, OSError) as e:
             raise click.ClickException(str(e)) from e
-        if problems:
-            for p in problems:
-                click.echo(f"FAIL: {p}", err=True)
-            raise SystemExit(1)
-        click.echo("OK")
+        report_problems(problems)
         return
     if run is None and (baseline is None or data is None):
         raise click.UsageError("give --run (the student, or the teacher of --baseline) or --baseline with --data")

@@ -6,7 +6,6 @@ Resumable (re-run the same command), extendable (a larger --num-samples), and mu
 from __future__ import annotations
 
 import functools
-import json
 
 import click
 
@@ -18,6 +17,7 @@ from .dataset_build import build_dataset
 from .pairs import read_manifest
 from .seeding import LABEL_MODES
 from .shard_store import StoreError
+from .store_cli import echo_info, report_problems
 from .teacher_spec import TeacherSpec, resolve_sampling, teacher_options
 
 _FM = FlowMapConfig()  # the defaults shown and used by the CLI live on the dataclass
@@ -126,11 +126,7 @@ def verify_command(root, recompute, device, batch_size, checkpoint, tokenizer_ch
                                   spec=spec, log=click.echo)
     except StoreError as e:
         raise click.ClickException(str(e)) from e
-    if problems:
-        for p in problems:
-            click.echo(f"FAIL: {p}", err=True)
-        raise SystemExit(1)
-    click.echo("OK")
+    report_problems(problems)
 
 
 @dataset_group.command("info")
@@ -142,9 +138,5 @@ def info_command(root, as_json):
         info = dataset_info(root)
     except StoreError as e:
         raise click.ClickException(str(e)) from e
-    if as_json:
-        click.echo(json.dumps(info, indent=1))
-        return
-    for k, v in info.items():
-        click.echo(f"{k:>12}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    echo_info(info, as_json)
 

@@ -23,6 +23,7 @@ from .sample_store import build_samples, sample_settings, verify_samples
 from .samplers import SKIP_FILLS, SamplePlan, TokenMarginals, check_regen, dd_sample, regen_sample
 from .seeding import check_label_spec, make_labels, sample_generators, sample_noise
 from .shard_store import StoreError
+from .store_cli import report_problems
 
 
 # ---- parsing ------------------------------------------------------------------------------------
@@ -291,11 +292,7 @@ def _verify(out: str) -> None:
         problems = verify_samples(out, log=click.echo)
     except (StoreError, ValueError, OSError) as e:
         _fail(e)
-    if problems:
-        for p in problems:
-            click.echo(f"FAIL: {p}", err=True)
-        raise SystemExit(1)
-    click.echo("OK")
+    report_problems(problems)
 
 
 @torch.no_grad()

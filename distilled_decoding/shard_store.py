@@ -30,6 +30,7 @@ writes the final manifest after a barrier.
 """
 from __future__ import annotations
 
+import bisect
 import datetime
 import glob
 import json
@@ -357,6 +358,60 @@ class ShardStore:
             os.rmdir(os.path.join(self.root, PROGRESS_DIR))
         except OSError:
             pass
+
+
+class ShardRows:
+    """A built store read as a map-style Dataset over memory-mapped shards (the readers of every schema
+    derive from it). Opening checks that the store is complete (`allow_incomplete` skips that) and that
+    every shard exists, has the recorded size and parses (`verify`: also its sha256; reads every byte).
+    `_row(i) -> (shard handle, row j)`; each forked DataLoader worker opens its own handles.
+    `finish`: the command that completes an incomplete store, for the error."""
+
+    noun = "items"
+
+    def __init__(self, store: "ShardStore", verify: bool = False, allow_incomplete: bool = False,
+                 finish: str = "the command that built it"):
+        self.root = store.root
+        self.manifest = store.read_manifest()
+        if not self.manifest["complete"] and not allow_incomplete:
+            raise StoreError(f"{self.root} is incomplete: re-run {finish} to finish it")
+        self.settings = self.manifest["settings"]
+        self.shards = self.manifest["shards"]
+        for e in self.shards:
+            try:
+                store.check_shard(e, self.settings, verify_hash=verify)
+            except StoreError as err:
+                raise StoreError(f"{self.root}: {err}") from err   # which store, for the command reading it
+        ends, total = [], 0
+        for e in self.shards:
+            total += e["count"]
+            ends.append(total)
+        self._ends = ends
+        self._handles: dict = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_handles"], d["_pid"] = {}, None
+        return d
+
+    def _row(self, i: int):
+        """(safe_open handle of the shard holding item i, its row in that shard)."""
+        from safetensors import safe_open
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} {self.noun}")
+        s = bisect.bisect_right(self._ends, i)
+        if self._pid != os.getpid():  # a forked DataLoader worker opens its own
+            self._handles, self._pid = {}, os.getpid()
+        if s not in self._handles:
+            self._handles[s] = safe_open(os.path.join(self.root, self.shards[s]["file"]), framework="pt")
+        return self._handles[s], i - (self._ends[s - 1] if s else 0)
 
 
 def build_shards(store: ShardStore, settings: dict, num_samples: int, produce: Producer, *, extra: dict,

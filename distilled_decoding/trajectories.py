@@ -34,11 +34,9 @@ labels, shard size; `teacher_spec` beside them rebuilds the teacher.
 """
 from __future__ import annotations
 
-import bisect
 import os
 from typing import Callable, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -48,7 +46,7 @@ from .distributed import dist_info
 from .fileio import normalise_json
 from .pairs import teacher_differences  # noqa: F401  (any teacher's describe(): re-exported for ard_train)
 from .seeding import LABEL_MODES, make_labels, sample_noise
-from .shard_store import ShardSchema, ShardStore, StoreError, build_shards
+from .shard_store import ShardRows, ShardSchema, ShardStore, StoreError, build_shards
 from .teacher_spec import TeacherSpec
 
 KEPT_RULES = ("paper", "public")
@@ -269,7 +267,7 @@ def subset_slots(settings: dict, num_steps: Optional[int]) -> List[int]:
     return [kept.index(j) for j in want]
 
 
-class TrajectoryDataset(Dataset):
+class TrajectoryDataset(ShardRows, Dataset):
     """A built trajectory set as a map-style Dataset over memory-mapped shards.
 
     item i -> {"states": [S'+1, C, H, W] fp32, "labels": int64, "index": int64}. num_steps < S takes the
@@ -277,18 +275,11 @@ class TrajectoryDataset(Dataset):
     time labels of inputs 0..S'−1; `.kept`: their DDIM indices. Every shard must exist, have the recorded
     size and parse (`verify=True`: also its sha256)."""
 
+    noun = "trajectories"
+
     def __init__(self, root: str, num_steps: Optional[int] = None, verify: bool = False):
-        self.root = os.fspath(root)
-        store = trajectory_store(self.root)
-        self.manifest = store.read_manifest()
-        if not self.manifest["complete"]:
-            raise StoreError(f"{self.root} is incomplete: re-run its `dd ard build-dataset` command to finish it")
-        self.settings = st = self.manifest["settings"]
-        for e in self.manifest["shards"]:
-            try:
-                store.check_shard(e, st, verify_hash=verify)
-            except StoreError as err:
-                raise StoreError(f"{self.root}: {err}") from err
+        super().__init__(trajectory_store(os.fspath(root)), verify=verify, finish="its `dd ard build-dataset` command")
+        st = self.settings
         try:
             self.slots = subset_slots(st, num_steps)
         except StoreError as e:
@@ -296,10 +287,6 @@ class TrajectoryDataset(Dataset):
         self.num_steps = len(self.slots) - 1
         self.kept = tuple(st["kept"][s] for s in self.slots)
         self.timesteps = tuple(st["timesteps"][s] for s in self.slots[:-1])
-        self.shards = self.manifest["shards"]
-        self._ends = np.cumsum([e["count"] for e in self.shards]).tolist()
-        self._handles: dict = {}
-        self._pid = None
 
     @property
     def teacher_spec(self) -> TeacherSpec:
@@ -313,31 +300,8 @@ class TrajectoryDataset(Dataset):
     def latent_shape(self) -> tuple:
         return tuple(self.settings["latent_shape"])
 
-    def __len__(self) -> int:
-        return self._ends[-1] if self._ends else 0
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_handles"], d["_pid"] = {}, None
-        return d
-
-    def _handle(self, s: int):
-        from safetensors import safe_open
-        if self._pid != os.getpid():  # a forked DataLoader worker opens its own
-            self._handles, self._pid = {}, os.getpid()
-        if s not in self._handles:
-            self._handles[s] = safe_open(os.path.join(self.root, self.shards[s]["file"]), framework="pt")
-        return self._handles[s]
-
     def __getitem__(self, i: int) -> dict:
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} trajectories")
-        s = bisect.bisect_right(self._ends, i)
-        j = i - (self._ends[s - 1] if s else 0)
-        f = self._handle(s)
+        f, j = self._row(i)
         states = f.get_slice("states")[j:j + 1][0]                       # [S+1, C, H, W]
         if len(self.slots) != states.shape[0]:
             states = states[self.slots]
