@@ -38,14 +38,14 @@ from torch.utils.data import Dataset
 from teachers.checkpoint import load_safetensors
 
 from .ard_student import ARDConfig, ARDStudent, build_ard_student, load_ard_student
-from .distributed import barrier, device_option_check
+from .distributed import barrier
 from .errors import DDError
 from .fileio import file_sha256
 from .history_mask import MASKS, canonical
 from .run_dir import (CONFIG_FILE, claim_run_dir, publish, read_run_config as _read_config,
                       write_run_config as _write_config)
 from .teacher_spec import TeacherSpec
-from .trainer import micro_batch_size, on_ranks, resolve_precision, resume_or_refuse, run_training, update_ema
+from .trainer import loop_options, micro_batch_size, on_ranks, resolve_precision, resume_or_refuse, run_training, update_ema
 from .trajectories import TrajectoryDataset, teacher_differences
 
 RUN_FORMAT = "ard-student"
@@ -260,36 +260,12 @@ def load_ard_run(run_dir: str, device: Union[str, torch.device] = "cpu", ema: bo
 @click.option("--lower-layers", type=click.IntRange(min=0), default=None,
               help="N, the lower blocks that see the history. Default: the paper's 6 of 28 scaled to the "
                    "teacher's depth, at least 1 (DiT-XL/2 6, digits-dit 1).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Global batch size.")
-@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Gradient accumulation steps.")
-@click.option("--lr", default=1e-4, show_default=True, type=float)
-@click.option("--weight-decay", default=0.0, show_default=True, type=float)
-@click.option("--ema-decay", default=0.9999, show_default=True, type=click.FloatRange(0.0, 1.0))
-@click.option("--grad-clip", default=1.0, show_default=True, type=float)
-@click.option("--max-steps", default=300_000, show_default=True, type=click.IntRange(min=1))
-@click.option("--ckpt-every", default=1000, show_default=True, type=click.IntRange(min=1))
-@click.option("--keep-checkpoints", default=2, show_default=True, type=click.IntRange(min=1))
-@click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--num-workers", default=2, show_default=True, type=click.IntRange(min=0))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
-              help="bf16 autocast or fp32. Default: bf16 on CUDA with bf16 support, else fp32.")
-@click.option("--device", default=None, callback=device_option_check, help="cpu, cuda ... Default: cuda when available.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads. Default: torch's.")
-@click.option("--resume", is_flag=True, default=False, help="Continue from the latest checkpoint in --out.")
-@click.option("--overwrite", is_flag=True, default=False,
-              help="Replace the run already in --out (without it, a non-empty --out is refused).")
-@click.option("--no-progress", is_flag=True, default=False)
-def train(data, out, teacher, num_steps, mask, lower_layers, batch_size, grad_accum, lr, weight_decay, ema_decay,
-          grad_clip, max_steps, ckpt_every, keep_checkpoints, log_every, num_workers, seed, precision, device, threads,
-          resume, overwrite, no_progress):
+@loop_options(max_steps=300_000)
+def train(data, out, teacher, num_steps, mask, lower_layers, threads, no_progress, **loop):
     """Train an ARD student on a DiT teacher's trajectories (multi-process under torchrun)."""
     args = ARDTrainArgs(data=data, out=out, teacher=teacher, num_steps=num_steps, lower_layers=lower_layers,
-                        mask=mask, batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
-                        ema_decay=ema_decay, grad_clip=grad_clip, max_steps=max_steps, ckpt_every=ckpt_every,
-                        keep_checkpoints=keep_checkpoints, log_every=log_every, num_workers=num_workers, seed=seed,
-                        precision=precision, device=device, threads=threads, resume=resume, overwrite=overwrite,
-                        progress=not no_progress)
+                        mask=mask, threads=threads, progress=not no_progress, **loop)
     try:
         train_ard(args, log=click.echo)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from .dataset import PairDataset
 from .dd_loss import dd_loss, make_emb_loss
-from .distributed import barrier, device_option_check
+from .distributed import barrier
 from .fileio import file_sha256, save_state_dict
 from .errors import DDError
 from .pairs import teacher_differences
@@ -48,7 +48,7 @@ from .run_dir import claim_run_dir, publish
 from .seeding import sample_timestep
 from .student import DDStudent, build_student
 from .student_run import CODEBOOK_FILE, CONFIG_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE, read_run_config, write_run_config
-from .trainer import micro_batch_size, on_ranks, resolve_precision, resume_or_refuse, run_training, update_ema
+from .trainer import loop_options, micro_batch_size, on_ranks, resolve_precision, resume_or_refuse, run_training, update_ema
 
 # Arguments that define the stream of batches, timesteps and updates: a resume must keep them.
 STREAM_ARGS = ("batch_size", "grad_accum", "seed", "timesteps", "split", "lambda_ce", "lambda_emb", "emb_loss",
@@ -238,40 +238,17 @@ def _parse_timesteps(ctx, param, value):
 @click.option("--emb-loss", type=click.Choice(["mse", "lpips"]), default="mse", show_default=True,
               help="mse: in embedding space; lpips: on images decoded by the teacher's VQ decoder (needs lpips).")
 @click.option("--lpips-net", type=click.Choice(["vgg", "alex", "squeeze"]), default="vgg", show_default=True)
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Global batch size.")
-@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Gradient accumulation steps.")
-@click.option("--lr", default=1e-4, show_default=True, type=float)
-@click.option("--weight-decay", default=0.0, show_default=True, type=float)
-@click.option("--ema-decay", default=0.9999, show_default=True, type=click.FloatRange(0.0, 1.0))
-@click.option("--grad-clip", default=1.0, show_default=True, type=float)
-@click.option("--max-steps", default=100_000, show_default=True, type=click.IntRange(min=1))
-@click.option("--ckpt-every", default=1000, show_default=True, type=click.IntRange(min=1))
-@click.option("--keep-checkpoints", default=2, show_default=True, type=click.IntRange(min=1))
-@click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--num-workers", default=2, show_default=True, type=click.IntRange(min=0))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
-              help="bf16 autocast or fp32. Default: bf16 on CUDA with bf16 support, else fp32.")
-@click.option("--device", default=None, callback=device_option_check, help="cpu, cuda ... Default: cuda when available.")
-@click.option("--resume", is_flag=True, default=False, help="Continue from the latest checkpoint in --out.")
-@click.option("--overwrite", is_flag=True, default=False,
-              help="Replace the run already in --out (without it, a non-empty --out is refused).")
 @click.option("--checkpoint", "teacher_checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Teacher transformer checkpoint, if not where the data set's manifest says.")
 @click.option("--tokenizer-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Teacher tokenizer checkpoint, if not where the data set's manifest says.")
-@click.option("--no-progress", is_flag=True, default=False)
-def train_command(data, out, timesteps, split, lambda_ce, lambda_emb, emb_loss, lpips_net, batch_size, grad_accum,
-                  lr, weight_decay, ema_decay, grad_clip, max_steps, ckpt_every, keep_checkpoints, log_every,
-                  num_workers, seed, precision, device, resume, overwrite, teacher_checkpoint, tokenizer_checkpoint, no_progress):
+@loop_options(max_steps=100_000)
+def train_command(data, out, timesteps, split, lambda_ce, lambda_emb, emb_loss, lpips_net, teacher_checkpoint,
+                  tokenizer_checkpoint, no_progress, **loop):
     """Train a DD student on a pair data set (multi-process under torchrun)."""
     args = TrainArgs(data=data, out=out, timesteps=timesteps, split=split, lambda_ce=lambda_ce,
-                     lambda_emb=lambda_emb, emb_loss=emb_loss, lpips_net=lpips_net, batch_size=batch_size,
-                     grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay,
-                     grad_clip=grad_clip, max_steps=max_steps, ckpt_every=ckpt_every,
-                     keep_checkpoints=keep_checkpoints, log_every=log_every, num_workers=num_workers, seed=seed,
-                     precision=precision, device=device, resume=resume, overwrite=overwrite, progress=not no_progress,
-                     checkpoint=teacher_checkpoint, tokenizer_checkpoint=tokenizer_checkpoint)
+                     lambda_emb=lambda_emb, emb_loss=emb_loss, lpips_net=lpips_net, progress=not no_progress,
+                     checkpoint=teacher_checkpoint, tokenizer_checkpoint=tokenizer_checkpoint, **loop)
     try:
         train(args, log=click.echo)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

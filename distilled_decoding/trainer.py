@@ -299,3 +299,40 @@ def on_ranks(body: Callable[..., dict], args, log: Callable[[str], None]) -> dic
         return last
     finally:
         finish_distributed(own_pg)
+
+
+def loop_options(max_steps: int) -> Callable:
+    """The click options of the loop's settings, shared by every training verb (the paper's defaults;
+    `max_steps` the method's): batch size ... device, --resume/--overwrite, --no-progress. The command
+    receives them as keyword arguments named like LoopConfig's fields (no_progress for progress)."""
+    import click
+    from .distributed import device_option_check
+    options = [
+        click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Global batch size."),
+        click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Gradient accumulation steps."),
+        click.option("--lr", default=1e-4, show_default=True, type=float),
+        click.option("--weight-decay", default=0.0, show_default=True, type=float),
+        click.option("--ema-decay", default=0.9999, show_default=True, type=click.FloatRange(0.0, 1.0)),
+        click.option("--grad-clip", default=1.0, show_default=True, type=float),
+        click.option("--max-steps", default=max_steps, show_default=True, type=click.IntRange(min=1)),
+        click.option("--ckpt-every", default=1000, show_default=True, type=click.IntRange(min=1)),
+        click.option("--keep-checkpoints", default=2, show_default=True, type=click.IntRange(min=1)),
+        click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1)),
+        click.option("--num-workers", default=2, show_default=True, type=click.IntRange(min=0)),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+                     help="bf16 autocast or fp32. Default: bf16 on CUDA with bf16 support, else fp32."),
+        click.option("--device", default=None, callback=device_option_check,
+                     help="cpu, cuda ... Default: cuda when available."),
+        click.option("--resume", is_flag=True, default=False, help="Continue from the latest checkpoint in --out."),
+        click.option("--overwrite", is_flag=True, default=False,
+                     help="Replace the run already in --out (without it, a non-empty --out is refused)."),
+        click.option("--no-progress", is_flag=True, default=False),
+    ]
+
+    def decorate(f: Callable) -> Callable:
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
