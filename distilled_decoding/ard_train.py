@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import click
@@ -45,7 +45,7 @@ from .history_mask import MASKS, canonical
 from .run_dir import (CONFIG_FILE, claim_run_dir, publish, read_run_config as _read_config,
                       write_run_config as _write_config)
 from .teacher_spec import TeacherSpec
-from .trainer import loop_options, micro_batch_size, on_ranks, resolve_precision, resume_or_refuse, run_training, update_ema
+from .trainer import LoopArgs, loop_options, micro_batch_size, on_ranks, resolve_precision, resume_or_refuse, run_training, update_ema
 from .trajectories import TrajectoryDataset, teacher_differences
 
 RUN_FORMAT = "ard-student"
@@ -65,7 +65,7 @@ def default_lower_layers(depth: int) -> int:
 
 
 @dataclass
-class ARDTrainArgs:
+class ARDTrainArgs(LoopArgs):
     """`dd ard train` options (see the CLI help). teacher None = the data set's; num_steps None = the
     data set's S; lower_layers None = default_lower_layers(depth); mask None = M4 (a resume keeps the
     run's unless given); precision None = bf16 on CUDA with bf16 support; threads None = torch's."""
@@ -76,27 +76,8 @@ class ARDTrainArgs:
     num_steps: Optional[int] = None
     lower_layers: Optional[int] = None
     mask: Optional[str] = None
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    ema_decay: float = 0.9999
-    grad_clip: float = 1.0
-    max_steps: int = 300_000
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    num_workers: int = 2
-    seed: int = 0
-    precision: Optional[str] = None
-    device: Optional[str] = None
     threads: Optional[int] = None
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    max_steps: int = field(default=300_000, kw_only=True)
 
 
 class ByPosition(Dataset):

@@ -48,7 +48,7 @@ from .run_dir import claim_run_dir, publish
 from .seeding import sample_timestep
 from .student import DDStudent, build_student
 from .student_run import CODEBOOK_FILE, CONFIG_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE, read_run_config, write_run_config
-from .trainer import loop_options, micro_batch_size, on_ranks, resolve_precision, resume_or_refuse, run_training, update_ema
+from .trainer import LoopArgs, loop_options, micro_batch_size, on_ranks, resolve_precision, resume_or_refuse, run_training, update_ema
 
 # Arguments that define the stream of batches, timesteps and updates: a resume must keep them.
 STREAM_ARGS = ("batch_size", "grad_accum", "seed", "timesteps", "split", "lambda_ce", "lambda_emb", "emb_loss",
@@ -56,7 +56,7 @@ STREAM_ARGS = ("batch_size", "grad_accum", "seed", "timesteps", "split", "lambda
 
 
 @dataclass
-class TrainArgs:
+class TrainArgs(LoopArgs):
     """`dd train` options (see the CLI help). timesteps / split None = the family's paper defaults
     scaled to the teacher (`student.default_schedule`); precision None = bf16 on CUDA with bf16
     support, else fp32; device None = cuda when available."""
@@ -69,23 +69,6 @@ class TrainArgs:
     lambda_emb: float = 1.0
     emb_loss: str = "mse"
     lpips_net: str = "vgg"
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    ema_decay: float = 0.9999
-    grad_clip: float = 1.0
-    max_steps: int = 100_000
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    num_workers: int = 2
-    seed: int = 0
-    precision: Optional[str] = None
-    device: Optional[str] = None
-    resume: bool = False
-    overwrite: bool = False                      # replace an existing run in --out
-    progress: bool = True
     checkpoint: Optional[str] = None             # teacher transformer checkpoint override
     tokenizer_checkpoint: Optional[str] = None   # teacher tokenizer checkpoint override
     student_options: dict = field(default_factory=dict)

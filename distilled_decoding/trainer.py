@@ -54,6 +54,34 @@ class LoopConfig:
     progress: bool = True
 
 
+@dataclass(kw_only=True)
+class LoopArgs:
+    """The options of `loop_options`, the base of every training verb's arguments (keyword-only, so a
+    method's own fields come first). precision None = bf16 on CUDA with bf16 support, else fp32;
+    device None = cuda when available; overwrite: replace an existing run in --out."""
+
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0
+    max_steps: int = 100_000
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    num_workers: int = 2
+    seed: int = 0
+    precision: Optional[str] = None
+    device: Optional[str] = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def micro_batch_size(batch_size: int, world: int, grad_accum: int) -> int:
     if batch_size % (world * grad_accum):
         raise ValueError(f"--batch-size {batch_size} is not divisible by ranks x grad-accum "
