@@ -248,7 +248,7 @@ def main() -> None:
                 "step's difference, what a history could correct.", "",
                 "| student | teacher-forced, steps 1..S | own outputs, steps 1..S | own − forced, last step |",
                 "|---|---|---|---:|", *exposure, ""] if exposure else []),
-             "Issue 16's \"done when\" on these printed means:", "", *criteria(by_key), ""]
+             "Issue 16's \"done when\" on these printed means:", "", *(criteria(by_key) or ["- none: this block lacks the rows they compare"]), ""]
     text = "\n".join(block)
     if args.append and os.path.exists(args.results):
         with open(args.results) as f:
