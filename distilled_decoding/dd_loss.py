@@ -56,15 +56,15 @@ def dd_h_loss(student: nn.Module, noise: torch.Tensor, tokens: torch.Tensor, lab
               lambda_ce: float = 0.1, lambda_emb: float = 1.0, emb_loss=None) -> Tuple[torch.Tensor, dict]:
     """DD-H's teacher-forced loss: `dd_loss`'s terms on every block X_{t_k} = make_xt(codebook[tokens],
     noise, t_k) of the trajectory, summed over the K blocks, all in one forward
-    (`DDStudent.forward_blocks`; `student` may be DDP-wrapped: its `module` is used then).
+    (`DDStudent.forward_blocks`, called as student(xs [B, K, n, C], labels, timesteps); `student` may be
+    DDP-wrapped).
     Returns (loss scalar, {"ce": [B], "emb": [B]} detached, summed over blocks)."""
     emb_loss = mse_emb_loss if emb_loss is None else emb_loss
-    net = getattr(student, "module", student)
     data = codebook[tokens]                                                   # [B, n, C]
     B, n = tokens.shape
     ts = [int(v) for v in timesteps]
     xs = torch.stack([make_xt(data, noise, torch.full((B,), t, device=noise.device), step_offsets) for t in ts], 1)
-    logits, emb = net.forward_blocks(xs, labels, ts)                          # [B, K, n, V], [B, K, n, C]
+    logits, emb = student(xs, labels, ts)                          # [B, K, n, V], [B, K, n, C]
     ce = torch.zeros(B, device=noise.device)
     d = torch.zeros(B, device=noise.device)
     for k, t in enumerate(ts):

@@ -126,7 +126,10 @@ class DDStudent(nn.Module):
         """x: [B, n, C] fp32 (data rows before step_offsets[t−1], noise after); labels: [B] int64;
         t: [B] int64 paper timesteps -> (logits [B, n, V] fp32, emb [B, n, C] fp32); output i
         predicts clean token i. history: a DD-H student's cache (`new_history`): x is block
-        `history.step` of the trajectory, which the call then advances."""
+        `history.step` of the trajectory, which the call then advances. A 4-d x [B, K, n, C] with t the
+        K timesteps is `forward_blocks` (so that a DDP wrapper sees the teacher-forced DD-H forward)."""
+        if x.dim() == 4:
+            return self.forward_blocks(x, labels, t)
         B, n, C = x.shape
         if C != self.config.codebook_dim:
             raise ValueError(f"x has {C} channels, the codebook {self.config.codebook_dim}")
