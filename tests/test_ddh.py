@@ -67,6 +67,8 @@ def test_fresh_ddh_computes_todays_student_without_history(tiny_teacher, kind):
     _, teacher = tiny_teacher
     ts = TIMESTEPS[teacher.family]
     plain = build_student(teacher, ts, seed=3).eval()
+    # a plain student (and every run saved before DD-H) has no DD-H options and no step embedding
+    assert "history" not in plain.config.options and not hasattr(plain.backbone, "step_embed")
     xs, labels, _, _ = _trajectory(plain, ts)
     ref = [plain(xs[:, k], labels, torch.full((3,), t)) for k, t in enumerate(ts)]
     for n_lower in (0, 1, DEPTH):
