@@ -51,6 +51,33 @@ def dd_loss(student: nn.Module, noise: torch.Tensor, tokens: torch.Tensor, label
     return loss, {"ce": ce.detach(), "emb": d.detach()}
 
 
+def dd_h_loss(student: nn.Module, noise: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
+              timesteps: Sequence[int], *, codebook: torch.Tensor, step_offsets: Sequence[int],
+              lambda_ce: float = 0.1, lambda_emb: float = 1.0, emb_loss=None) -> Tuple[torch.Tensor, dict]:
+    """DD-H's teacher-forced loss: `dd_loss`'s terms on every block X_{t_k} = make_xt(codebook[tokens],
+    noise, t_k) of the trajectory, summed over the K blocks, all in one forward
+    (`DDStudent.forward_blocks`, called as student(xs [B, K, n, C], labels, timesteps); `student` may be
+    DDP-wrapped).
+    Returns (loss scalar, {"ce": [B], "emb": [B]} detached, summed over blocks)."""
+    emb_loss = mse_emb_loss if emb_loss is None else emb_loss
+    data = codebook[tokens]                                                   # [B, n, C]
+    B, n = tokens.shape
+    ts = [int(v) for v in timesteps]
+    xs = torch.stack([make_xt(data, noise, torch.full((B,), t, device=noise.device), step_offsets) for t in ts], 1)
+    logits, emb = student(xs, labels, ts)                          # [B, K, n, V], [B, K, n, C]
+    ce = torch.zeros(B, device=noise.device)
+    d = torch.zeros(B, device=noise.device)
+    for k, t in enumerate(ts):
+        mask = ~prefix_mask(step_offsets, torch.full((B,), t - 1, device=noise.device), n)
+        V = logits.shape[-1]
+        ce_tok = F.cross_entropy(logits[:, k].float().reshape(B * n, V), tokens.reshape(B * n),
+                                 reduction="none").view(B, n)
+        ce = ce + masked_mean(ce_tok, mask)
+        d = d + emb_loss(emb[:, k].float(), data, mask)
+    loss = (lambda_ce * ce + lambda_emb * d).mean()
+    return loss, {"ce": ce.detach(), "emb": d.detach()}
+
+
 class LPIPSEmbLoss:
     """d(pred, target) = LPIPS between the images the teacher's VQ decoder makes of the full sequence
     (the student's embeddings on the noise positions, the target rows elsewhere) and of the target."""

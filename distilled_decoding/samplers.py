@@ -92,14 +92,15 @@ def draw(probs: torch.Tensor, generator: Generators = None) -> torch.Tensor:
 # ---- Algorithm 3: DD 1/2-step --------------------------------------------------------------------
 @torch.no_grad()
 def dd_step(student, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor,
-            split: Optional[int] = None, snap: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+            split: Optional[int] = None, snap: bool = False, history=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One sampler step F_theta(X_t, t) (Algorithm 3).
 
     x: [B, n, C]; labels: [B]; t: [B] (or int) paper timestep; split: AR steps < split take
     codebook[argmax logits], the rest the embedding head (default: the student's split); snap: also
     snap the embedding-head outputs to their nearest codebook rows. Tokens before step_offsets[t − 1]
     are kept from x (they are data). Returns (x_next [B, n, C] fp32, idx [B, n] int64 = nearest
-    codebook index of every position of x_next).
+    codebook index of every position of x_next). history: a DD-H student's cache (the step is its
+    next block).
     """
     B, n, C = x.shape
     if not torch.is_tensor(t):
@@ -107,7 +108,7 @@ def dd_step(student, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor,
     t = t.to(x.device).long().reshape(B)
     split = student.config.split if split is None else int(split)
     split = min(max(split, 0), student.num_steps)
-    logits, emb = student(x, labels, t)
+    logits, emb = student(x, labels, t) if history is None else student(x, labels, t, history=history)
     cb = student.codebook.to(x.device)
     below = prefix_mask(student.step_offsets, torch.tensor([split], device=x.device), n)[..., None]   # [1, n, 1]
     pred = torch.where(below, cb[logits.argmax(-1)], emb.float())            # [B, n, C]
@@ -128,11 +129,21 @@ def dd_sample(student, noise: torch.Tensor, labels: torch.Tensor, timesteps: Seq
               split: Optional[int] = None, snap: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """noise X₁ [B, n, C], labels [B] -> (x [B, n, C] final continuous output, idx [B, n] nearest codes).
 
-    X ← F_θ(make_xt(X, X₁, t), t) for t in timesteps (e.g. (1,) or (1, 81))."""
+    X ← F_θ(make_xt(X, X₁, t), t) for t in timesteps (e.g. (1,) or (1, 81)). A DD-H student
+    (`student.history`) runs the steps as the blocks of one trajectory, its lower layers reading the
+    cached keys/values of the earlier steps' inputs; its timesteps must be a prefix of the trained ones."""
+    cache = None
+    if getattr(student, "history", None) is not None:
+        trained = tuple(student.config.timesteps)
+        if tuple(timesteps) != trained[:len(timesteps)]:
+            raise ValueError(f"a DD-H student samples a prefix of its trained timesteps {list(trained)}, "
+                             f"got {list(timesteps)}")
+        cache = student.new_history()
     x, idx = noise, None
     for t in timesteps:
         tt = _t(noise.shape[0], t, noise.device)
-        x, idx = dd_step(student, make_xt(x, noise, tt, student.step_offsets), labels, tt, split=split, snap=snap)
+        x, idx = dd_step(student, make_xt(x, noise, tt, student.step_offsets), labels, tt, split=split, snap=snap,
+                         history=cache)
     return x, idx
 
 
@@ -143,6 +154,8 @@ def regen_sample(student, teacher: Teacher, noise: torch.Tensor, labels: torch.T
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 4, paper pre-trained-a-b: (x [B, n, C], idx [B, n]); see the module docstring."""
     a, b = regen
+    if getattr(student, "history", None) is not None:
+        raise ValueError("--regen (teacher-mixed) is not defined for a DD-H student: its steps need their history")
     check_regen(a, b, student.config.timesteps, len(student.step_sizes))
     offs = student.step_offsets
     B = noise.shape[0]
@@ -350,7 +363,8 @@ def _run_onestep(p: SamplePlan, seed, indices, labels, device):
 
 
 SAMPLERS = {
-    "dd": Sampler(_run_dd, lambda p: f"DD {len(p.timesteps)}-step (t = {','.join(map(str, p.timesteps))})"),
+    "dd": Sampler(_run_dd, lambda p: ("DD-H" if getattr(p.student, "history", None) is not None else "DD")
+                  + f" {len(p.timesteps)}-step (t = {','.join(map(str, p.timesteps))})"),
     "regen": Sampler(_run_regen, lambda p: f"teacher-mixed pre-trained-{p.regen[0]}-{p.regen[1]}"),
     "skip": Sampler(_run_skip, lambda p: f"teacher skip-{p.n_skip}" + (f" ({p.skip_fill})" if p.n_skip else "")),
     "onestep": Sampler(_run_onestep, lambda p: "onestep (token marginals)"),

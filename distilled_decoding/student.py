@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .schedule import default_schedule, offsets_of, prefix_mask
+from .student_history import HistoryCache
 from .student_backbones import BACKBONES, backbone_class
 
 
@@ -109,16 +110,44 @@ class DDStudent(nn.Module):
         self.data_tokens(t)                                  # range check
         return prefix_mask(self.step_offsets, t.long() - 1, self.num_tokens if n is None else n)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def history(self):
+        """DD-H's `student_history.HistorySpec` (None: a plain student)."""
+        return getattr(self.backbone, "history", None)
+
+    def new_history(self) -> HistoryCache:
+        """An empty DD-H cache for one batch's sampling trajectory (`forward(..., history=cache)`)."""
+        if self.history is None:
+            raise ValueError("not a DD-H student (trained without --history)")
+        return HistoryCache(self.history)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor,
+                history: Optional[HistoryCache] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """x: [B, n, C] fp32 (data rows before step_offsets[t−1], noise after); labels: [B] int64;
         t: [B] int64 paper timesteps -> (logits [B, n, V] fp32, emb [B, n, C] fp32); output i
-        predicts clean token i."""
+        predicts clean token i. history: a DD-H student's cache (`new_history`): x is block
+        `history.step` of the trajectory, which the call then advances. A 4-d x [B, K, n, C] with t the
+        K timesteps is `forward_blocks` (so that a DDP wrapper sees the teacher-forced DD-H forward)."""
+        if x.dim() == 4:
+            return self.forward_blocks(x, labels, t)
         B, n, C = x.shape
         if C != self.config.codebook_dim:
             raise ValueError(f"x has {C} channels, the codebook {self.config.codebook_dim}")
         t = t.to(x.device).long().reshape(B)
-        return self.backbone(x, labels.to(x.device).long(), self.data_mask(t, n))
+        if history is None:
+            return self.backbone(x, labels.to(x.device).long(), self.data_mask(t, n))
+        return self.backbone(x, labels.to(x.device).long(), self.data_mask(t, n), history=history)
+
+    def forward_blocks(self, xs: torch.Tensor, labels: torch.Tensor, ts: Sequence[int]
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """DD-H teacher-forced, one forward over a trajectory's K inputs: xs [B, K, n, C] (block k =
+        X_{ts[k]}); labels [B] -> (logits [B, K, n, V], emb [B, K, n, C])."""
+        B, K, n, C = xs.shape
+        if len(ts) != K:
+            raise ValueError(f"{K} blocks but {len(ts)} timesteps")
+        t = torch.tensor([int(v) for v in ts], device=xs.device).repeat(B)     # [B·K]
+        is_data = self.data_mask(t, n).view(B, K, n)
+        return self.backbone.forward_blocks(xs, labels.to(xs.device).long(), is_data)
 
 
 # ---- building ---------------------------------------------------------------------------------
@@ -128,7 +157,8 @@ def build_student(teacher, timesteps: Optional[Sequence[int]] = None, split: Opt
 
     timesteps / split: None = the paper's defaults scaled to the teacher (`default_schedule`).
     seed: seeds the initialisation of the new tensors (the same student on every rank).
-    opts: backbone options (VAR: layerwise_n_d_embed=True).
+    opts: backbone options (VAR: layerwise_n_d_embed=True; DD-H: history="none"|"noise"|"all",
+    lower_layers=N, whose history_steps is the number of timesteps).
     """
     cls = backbone_class(teacher.family)
     model = cls.config_from_teacher(teacher)
@@ -139,6 +169,8 @@ def build_student(teacher, timesteps: Optional[Sequence[int]] = None, split: Opt
         raise ValueError(f"timesteps {tuple(timesteps)} exceed the teacher's {teacher.num_steps} AR steps")
     if not 1 <= split <= teacher.num_steps:
         raise ValueError(f"--split {split}: must be an AR step in [1, {teacher.num_steps}] of this teacher")
+    if opts.get("history") is not None:
+        opts = dict(opts, history_steps=len(timesteps))
     codebook = teacher.codebook.float()
     dev = codebook.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):

@@ -21,13 +21,14 @@ start as the authors' (N(0, 0.02) weights, zero bias, scale_shift_table randn/âˆ
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from teachers.llamagen import GPT_IGNORE, GPTConfig, LabelEmbedder, RMSNorm, RopeTable, TransformerBlock
 
+from .student_history import HistoryCache, HistorySpec, history_options
 from .student_layers import FinalLayer
 
 
@@ -48,8 +49,10 @@ class LlamaGenDD(RopeTable, nn.Module):
     OFFICIAL_NESTING_RAW = ("model", "module", "state_dict")
     OFFICIAL_IGNORE = GPT_IGNORE          # stale RoPE tables / KV caches, if a file has them
 
-    def __init__(self, cfg: GPTConfig, codebook_dim: int):
+    def __init__(self, cfg: GPTConfig, codebook_dim: int, history: Optional[str] = None,
+                 lower_layers: Optional[int] = None, history_steps: Optional[int] = None):
         super().__init__()
+        self.history_opts = history_options(cfg.n_layer, history, lower_layers, history_steps)
         self.config = cfg
         self.codebook_dim = codebook_dim
         self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
@@ -61,6 +64,13 @@ class LlamaGenDD(RopeTable, nn.Module):
         self.n_d_embed = nn.Embedding(2, cfg.dim)
         # [1 + block_size, hd/2, 2] fp32 (class row zero); derived, not in the state dict
         self.register_buffer("freqs_cis", self._rope(None), persistent=False)
+        self.history = None
+        if self.history_opts:       # DD-H (student_history.py): per-token step embedding, zero at init
+            K, L = self.history_opts["history_steps"], 1 + cfg.block_size
+            self.step_embed = nn.Parameter(torch.zeros(K, L, cfg.dim))
+            with torch.device("cpu"):      # masks are CPU constants, also when built on the meta device
+                self.history = HistorySpec(self.history_opts["history"], self.history_opts["lower_layers"], K, L,
+                                           torch.ones(L, L, dtype=torch.bool).tril())
         if not self.freqs_cis.is_meta:
             self.initialize_weights()
 
@@ -77,29 +87,30 @@ class LlamaGenDD(RopeTable, nn.Module):
         return teacher.gpt.config.to_dict()
 
     @staticmethod
-    def default_options(**opts) -> dict:
+    def default_options(history: Optional[str] = None, lower_layers: Optional[int] = None,
+                        history_steps: Optional[int] = None, **opts) -> dict:
+        """{} for a plain student; DD-H's history / lower_layers / history_steps otherwise."""
         if opts:
-            raise ValueError(f"LlamaGen DD student takes no options, got {sorted(opts)}")
-        return {}
+            raise ValueError(f"LlamaGen DD student takes only the DD-H options, got {sorted(opts)}")
+        return {k: v for k, v in (("history", history), ("lower_layers", lower_layers),
+                                  ("history_steps", history_steps)) if v is not None}
 
     def options(self) -> dict:
-        return {}
+        return dict(self.history_opts)
 
     @classmethod
     def build(cls, model: dict, codebook_dim: int, **opts) -> "LlamaGenDD":
-        cls.default_options(**opts)
-        return cls(GPTConfig.from_dict(model), codebook_dim)
+        return cls(GPTConfig.from_dict(model), codebook_dim, **cls.default_options(**opts))
 
     @classmethod
     @torch.no_grad()
     def from_teacher(cls, teacher, **opts) -> "LlamaGenDD":
         """Initialised from a LlamaGenTeacher (see the module docstring), on the teacher's device."""
-        cls.default_options(**opts)
         gpt = teacher.gpt
         codebook = teacher.codebook.float()
         dev = codebook.device
         with dev:
-            net = cls(gpt.config, codebook.shape[1])
+            net = cls(gpt.config, codebook.shape[1], **cls.default_options(**opts))
         for name in ("cls_embedding", "layers", "norm", "output"):
             getattr(net, name).load_state_dict(getattr(gpt, name).state_dict())
         table = gpt.tok_embeddings.weight.float()
@@ -129,28 +140,100 @@ class LlamaGenDD(RopeTable, nn.Module):
         nn.init.normal_(self.final_layer_conti.scale_shift_table, std=self.config.dim ** -0.5)
 
     # -- forward --------------------------------------------------------------------------------
-    def hidden(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
+    def _embed(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
                ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, n, C]; labels: [B]; is_data: [B, n] bool -> (h [B, 1 + n, dim] before `norm`,
-        class embedding [B, 1, dim])."""
+        """x: [B, n, C]; labels: [B]; is_data: [B, n] bool -> (layer input [B, 1 + n, dim], class
+        embedding [B, 1, dim])."""
         B, n, _ = x.shape
         if n > self.config.block_size:
             raise ValueError(f"{n} tokens exceed block_size {self.config.block_size}")
         cond = self.cls_embedding(labels)                                     # [B, 1, dim]
         h = torch.cat([cond.to(self.tok_embeddings.weight.dtype), self.tok_embeddings(x)], dim=1)
         types = torch.cat([torch.ones_like(is_data[:, :1]), is_data], dim=1).long()   # [B, 1 + n]
-        h = h + self.n_d_embed(types)
-        rope = self.freqs_cis[: 1 + n]
+        return h + self.n_d_embed(types), cond
+
+    def hidden(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, n, C]; labels: [B]; is_data: [B, n] bool -> (h [B, 1 + n, dim] before `norm`,
+        class embedding [B, 1, dim])."""
+        h, cond = self._embed(x, labels, is_data)
+        rope = self.freqs_cis[: h.shape[1]]
         for layer in self.layers:
             h = layer(h, rope)                                                # causal
         return h, cond
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, n, C]; labels: [B]; is_data: [B, n] bool -> (logits [B, n, V] fp32,
-        emb [B, n, C] fp32); the class slot is dropped."""
-        h, cond = self.hidden(x, labels, is_data)
-        h = h[:, 1:]
+    def hidden_blocks(self, xs: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """DD-H teacher-forced: xs [B, K, n, C]; labels [B]; is_data [B, K, n] -> (h [B, K, 1 + n, dim],
+        class embedding [B, 1, dim]). The lower N layers run the K blocks as one sequence under
+        `history.mask`; each block keeps its own RoPE positions."""
+        B, K, n, C = xs.shape
+        spec = self._spec(K)
+        h, cond = self._embed(xs.reshape(B * K, n, C), labels.repeat_interleave(K), is_data.reshape(B * K, n))
+        L, D = h.shape[1:]
+        h = (h.view(B, K, L, D) + self.step_embed[None, :K, :L])
+        rope = self.freqs_cis[:L]
+        if spec.lower:
+            h = h.reshape(B, K * L, D)
+            mask = spec.blocks_mask(K, L).to(h.device)
+            rope_k = rope.repeat(K, 1, 1)
+            for layer in self.layers[:spec.lower]:
+                h = layer(h, rope_k, mask)
+        h = h.reshape(B * K, L, D)
+        for layer in self.layers[spec.lower:]:
+            h = layer(h, rope)
+        return h.view(B, K, L, D), cond[::K]
+
+    def hidden_step(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor, cache: HistoryCache
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """DD-H cached sampling step `cache.step`: x [B, n, C] -> (h [B, 1 + n, dim], class embedding);
+        the lower layers attend to the cached earlier blocks and cache this one's keys/values."""
+        spec, k = self._spec(1), cache.check()
+        h, cond = self._embed(x, labels, is_data)
+        B, L, D = h.shape
+        h = h + self.step_embed[k, :L]
+        rope = self.freqs_cis[:L]
+        mask = spec.step_mask(k, L).to(h.device)
+        for i, layer in enumerate(self.layers):
+            if i >= spec.lower:
+                h = layer(h, rope)
+                continue
+            att = layer.attention
+            pk, pv = cache.past(i)
+            m = 0 if pk is None else pk.shape[2]
+            buf = h.new_empty(B, att.n_kv_head, m + L, att.head_dim)
+            kb, vb = buf, torch.empty_like(buf)
+            if m:
+                kb[:, :, :m], vb[:, :, :m] = pk, pv
+            h = layer(h, rope, mask, (kb, vb, m))
+            cache.store(i, kb[:, :, m:], vb[:, :, m:])
+        cache.advance()
+        return h, cond
+
+    def _spec(self, K: int) -> HistorySpec:
+        if self.history is None:
+            raise ValueError("not a DD-H student (trained without --history)")
+        if K > self.history.num_blocks:
+            raise ValueError(f"{K} blocks; this DD-H student was trained with {self.history.num_blocks}")
+        return self.history
+
+    def _heads(self, h: torch.Tensor, cond: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """h [..., 1 + n, dim] (class slot first); cond [B, 1, dim] -> (logits [..., n, V], emb [..., n, C])."""
+        h = h[..., 1:, :]
         logits = self.output(self.norm(h)).float()
-        emb = self.final_layer_conti(h, cond).float()
-        return logits, emb
+        shape = h.shape
+        emb = self.final_layer_conti(h.reshape(shape[0], -1, shape[-1]), cond).float()
+        return logits, emb.view(*shape[:-1], -1)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor,
+                history: Optional[HistoryCache] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, n, C]; labels: [B]; is_data: [B, n] bool -> (logits [B, n, V] fp32,
+        emb [B, n, C] fp32); the class slot is dropped. history: DD-H's cache (a sampling step)."""
+        if history is None:
+            return self._heads(*self.hidden(x, labels, is_data))
+        return self._heads(*self.hidden_step(x, labels, is_data, history))
+
+    def forward_blocks(self, xs: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """DD-H teacher-forced: xs [B, K, n, C] -> (logits [B, K, n, V], emb [B, K, n, C])."""
+        return self._heads(*self.hidden_blocks(xs, labels, is_data))

@@ -31,7 +31,7 @@ std √(1/3C), zero bias); scale_shift_table randn/√C.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ from torch import nn
 from teachers.var import (VAR_IGNORE, AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, VARConfig, init_linear_embedding_,
                           level_ids)
 
+from .student_history import HistoryCache, HistorySpec, StepKV, history_options
 from .student_layers import FinalLayer
 
 
@@ -57,8 +58,10 @@ class VARDD(nn.Module):
     OFFICIAL_NESTING_RAW = ("trainer.var_wo_ddp", "model", "module", "state_dict")
     OFFICIAL_IGNORE = VAR_IGNORE
 
-    def __init__(self, cfg: VARConfig, layerwise_n_d_embed: bool = True):
+    def __init__(self, cfg: VARConfig, layerwise_n_d_embed: bool = True, history: Optional[str] = None,
+                 lower_layers: Optional[int] = None, history_steps: Optional[int] = None):
         super().__init__()
+        self.history_opts = history_options(cfg.depth, history, lower_layers, history_steps)
         if cfg.patch_nums[0] != 1:
             raise ValueError(f"the VAR DD student needs a 1×1 first scale, got patch_nums {cfg.patch_nums}")
         self.cfg = cfg                                                   # the teacher's config
@@ -83,6 +86,9 @@ class VARDD(nn.Module):
         self.final_layer_conti = FinalLayer(C, cfg.Cvae)
         self.register_buffer("lvl_1L", torch.empty(1, self.L, dtype=torch.long), persistent=False)
         self.register_buffer("attn_bias_for_masking", torch.empty(1, 1, self.L, self.L), persistent=False)
+        self.history = None
+        if self.history_opts:       # DD-H (student_history.py): per-token step embedding, zero at init
+            self.step_embed = nn.Parameter(torch.zeros(self.history_opts["history_steps"], self.L, C))
         self.reset_buffers()
         if not self.pos_1LC.is_meta:
             self.init_weights()
@@ -103,11 +109,16 @@ class VARDD(nn.Module):
         return d
 
     @staticmethod
-    def default_options(layerwise_n_d_embed: bool = True) -> dict:
-        return {"layerwise_n_d_embed": bool(layerwise_n_d_embed)}
+    def default_options(layerwise_n_d_embed: bool = True, history: Optional[str] = None,
+                        lower_layers: Optional[int] = None, history_steps: Optional[int] = None) -> dict:
+        """layerwise_n_d_embed, plus DD-H's history / lower_layers / history_steps when given."""
+        d = {"layerwise_n_d_embed": bool(layerwise_n_d_embed)}
+        d.update({k: v for k, v in (("history", history), ("lower_layers", lower_layers),
+                                    ("history_steps", history_steps)) if v is not None})
+        return d
 
     def options(self) -> dict:
-        return {"layerwise_n_d_embed": self.use_layerwise}
+        return {"layerwise_n_d_embed": self.use_layerwise, **self.history_opts}
 
     @classmethod
     def build(cls, model: dict, codebook_dim: int, **opts) -> "VARDD":
@@ -142,6 +153,11 @@ class VARDD(nn.Module):
         lv = level_ids(self.patch_nums).to(device)
         self.lvl_1L = lv.view(1, -1)
         self.attn_bias_for_masking = dd_attn_bias(lv)
+        if self.history_opts:
+            o = self.history_opts
+            with torch.device("cpu"):      # masks are CPU constants, also when built on the meta device
+                self.history = HistorySpec(o["history"], o["lower_layers"], o["history_steps"], self.L,
+                                           dd_attn_bias(level_ids(self.patch_nums))[0, 0] == 0)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -166,10 +182,10 @@ class VARDD(nn.Module):
         nd = self.n_d_embed.weight
         return self.layerwise_n_d_embed[i](nd) if self.use_layerwise else nd
 
-    def hidden(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
-               ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, n, Cvae] (n = teacher L); labels: [B]; is_data: [B, n] bool -> (h [B, 1 + n, C]
-        after the blocks and the last type embedding, i.e. what both heads read, fp32; cond [B, C])."""
+    def _embed(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, n, Cvae]; labels: [B]; is_data: [B, n] bool -> (layer input [B, 1 + n, C],
+        cond [B, C], types [B, 1 + n] int64: 1 = data)."""
         B, n, _ = x.shape
         if n != self.L - 1:
             raise ValueError(f"the VAR DD student takes all {self.L - 1} tokens, got {n}")
@@ -180,19 +196,88 @@ class VARDD(nn.Module):
             h = torch.cat([sos, self.word_embed(x.float())], dim=1)                 # [B, 1 + n, C]
             h = h + self.lvl_embed(self.lvl_1L) + self.pos_1LC
             h = h + self.n_d_embed.weight[types]
+        return h, cond, types
+
+    def _out(self, h: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        return h.float() + self._n_d(len(self.blocks)).float()[types]
+
+    def hidden(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, n, Cvae] (n = teacher L); labels: [B]; is_data: [B, n] bool -> (h [B, 1 + n, C]
+        after the blocks and the last type embedding, i.e. what both heads read, fp32; cond [B, C])."""
+        h, cond, types = self._embed(x, labels, is_data)
         bias = self.attn_bias_for_masking
         bc = self.shared_ada_lin(cond)
         for i, b in enumerate(self.blocks):
             h = b(h, bc, attn_bias=bias, add_after_attn=self._n_d(i)[types])
-        h = h.float() + self._n_d(len(self.blocks)).float()[types]
-        return h, cond
+        return self._out(h, types), cond
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, n, Cvae]; labels: [B]; is_data: [B, n] bool -> (logits [B, n, V] fp32,
-        emb [B, n, Cvae] fp32); the start slot is dropped."""
-        h, cond = self.hidden(x, labels, is_data)
-        logits = self.head(self.head_nm(h, cond)).float()[:, 1:]
-        emb = self.final_layer_conti(h, cond).float()[:, 1:]
+    def hidden_blocks(self, xs: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """DD-H teacher-forced: xs [B, K, n, Cvae]; labels [B]; is_data [B, K, n] -> (h [B, K, 1 + n, C],
+        cond [B, C]). The lower N blocks run the K blocks as one sequence under `history.mask`."""
+        B, K, n, Cv = xs.shape
+        spec = self._spec(K)
+        h, cond, types = self._embed(xs.reshape(B * K, n, Cv), labels.repeat_interleave(K),
+                                     is_data.reshape(B * K, n))
+        L, C = h.shape[1:]
+        h = h.view(B, K, L, C) + self.step_embed[None, :K]
+        cond = cond[::K]                                                  # [B, C]: one label per trajectory
+        bc = self.shared_ada_lin(cond)
+        if spec.lower:
+            bias = torch.where(spec.blocks_mask(K).to(h.device), 0.0, -torch.inf)[None, None]
+            h, t_all = h.reshape(B, K * L, C), types.view(B, K * L)
+            for i, b in enumerate(self.blocks[:spec.lower]):
+                h = b(h, bc, attn_bias=bias, add_after_attn=self._n_d(i)[t_all])
+        h = h.reshape(B * K, L, C)
+        bc_k = self.shared_ada_lin(cond.repeat_interleave(K, 0))
+        for i in range(spec.lower, len(self.blocks)):
+            h = self.blocks[i](h, bc_k, attn_bias=self.attn_bias_for_masking, add_after_attn=self._n_d(i)[types])
+        return self._out(h, types).view(B, K, L, C), cond
+
+    def hidden_step(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor, cache: HistoryCache
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """DD-H cached sampling step `cache.step`: x [B, n, Cvae] -> (h [B, 1 + n, C], cond [B, C]); the
+        lower blocks attend to the cached earlier blocks and cache this one's keys/values."""
+        spec, k = self._spec(1), cache.check()
+        h, cond, types = self._embed(x, labels, is_data)
+        h = h + self.step_embed[k]
+        bc = self.shared_ada_lin(cond)
+        step_bias = torch.where(spec.step_mask(k).to(h.device), 0.0, -torch.inf)[None, None]
+        for i, b in enumerate(self.blocks):
+            if i >= spec.lower:
+                h = b(h, bc, attn_bias=self.attn_bias_for_masking, add_after_attn=self._n_d(i)[types])
+                continue
+            kv = StepKV(*cache.past(i))
+            h = b(h, bc, attn_bias=step_bias, cache=kv, add_after_attn=self._n_d(i)[types])
+            cache.store(i, kv.k, kv.v)
+        cache.advance()
+        return self._out(h, types), cond
+
+    def _spec(self, K: int) -> HistorySpec:
+        if self.history is None:
+            raise ValueError("not a DD-H student (trained without --history)")
+        if K > self.history.num_blocks:
+            raise ValueError(f"{K} blocks; this DD-H student was trained with {self.history.num_blocks}")
+        return self.history
+
+    def _heads(self, h: torch.Tensor, cond: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """h [B, (K,) 1 + n, C]; cond [B, C] -> (logits [B, (K,) n, V], emb [B, (K,) n, Cvae])."""
+        shape = h.shape
+        flat = h.reshape(shape[0], -1, shape[-1])
+        logits = self.head(self.head_nm(flat, cond)).float().view(*shape[:-1], -1)[..., 1:, :]
+        emb = self.final_layer_conti(flat, cond).float().view(*shape[:-1], -1)[..., 1:, :]
         return logits, emb
 
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor,
+                history: Optional[HistoryCache] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, n, Cvae]; labels: [B]; is_data: [B, n] bool -> (logits [B, n, V] fp32,
+        emb [B, n, Cvae] fp32); the start slot is dropped. history: DD-H's cache (a sampling step)."""
+        if history is None:
+            return self._heads(*self.hidden(x, labels, is_data))
+        return self._heads(*self.hidden_step(x, labels, is_data, history))
+
+    def forward_blocks(self, xs: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """DD-H teacher-forced: xs [B, K, n, Cvae] -> (logits [B, K, n, V], emb [B, K, n, Cvae])."""
+        return self._heads(*self.hidden_blocks(xs, labels, is_data))

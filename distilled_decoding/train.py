@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .dataset import PairDataset
-from .dd_loss import dd_loss, make_emb_loss
+from .dd_loss import dd_h_loss, dd_loss, make_emb_loss
 from .distributed import barrier
 from .fileio import file_sha256, save_state_dict
 from .errors import DDError
@@ -52,7 +52,7 @@ from .trainer import LoopArgs, loop_options, micro_batch_size, on_ranks, resolve
 
 # Arguments that define the stream of batches, timesteps and updates: a resume must keep them.
 STREAM_ARGS = ("batch_size", "grad_accum", "seed", "timesteps", "split", "lambda_ce", "lambda_emb", "emb_loss",
-               "lpips_net", "lr", "weight_decay", "ema_decay", "grad_clip", "precision")
+               "lpips_net", "lr", "weight_decay", "ema_decay", "grad_clip", "precision", "history", "lower_layers")
 
 
 @dataclass
@@ -72,6 +72,8 @@ class TrainArgs(LoopArgs):
     checkpoint: Optional[str] = None             # teacher transformer checkpoint override
     tokenizer_checkpoint: Optional[str] = None   # teacher tokenizer checkpoint override
     student_options: dict = field(default_factory=dict)
+    history: Optional[str] = None                # DD-H (student_history.py): none | noise | all; None = plain DD
+    lower_layers: Optional[int] = None           # DD-H: layers that attend to the history (None = all)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -132,7 +134,13 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
         saved = read_run_config(out)
         args = dataclasses.replace(args, timesteps=args.timesteps or tuple(saved["timesteps"]),
                                    split=saved["split"] if args.split is None else args.split)
-    student = build_student(teacher, args.timesteps, args.split, seed=args.seed, **args.student_options)
+    if args.resume and os.path.exists(os.path.join(out, CONFIG_FILE)) and args.history is None:
+        saved_opts = read_run_config(out)["student"].get("options", {})
+        args = dataclasses.replace(args, history=saved_opts.get("history"), lower_layers=saved_opts.get("lower_layers"))
+    ddh = {} if args.history is None else {"history": args.history, "lower_layers": args.lower_layers}
+    if args.history is None and args.lower_layers is not None:
+        raise ValueError("--lower-layers needs --history none|noise|all")
+    student = build_student(teacher, args.timesteps, args.split, seed=args.seed, **args.student_options, **ddh)
     cfg = student.config
     student.train()
     ema = copy.deepcopy(student).eval().requires_grad_(False)
@@ -141,7 +149,8 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
 
     # -- resume --
     manifest_sha = file_sha256(os.path.join(args.data, "manifest.json"))
-    now = dict(args.to_dict(), timesteps=list(cfg.timesteps), split=cfg.split, precision=precision)
+    now = dict(args.to_dict(), timesteps=list(cfg.timesteps), split=cfg.split, precision=precision,
+               lower_layers=cfg.options.get("lower_layers"))
     step = resume_or_refuse(out, args.resume, {"model": student.backbone, "ema": ema.backbone}, opt,
                             student.codebook.device, now, STREAM_ARGS, manifest_sha, log)
 
@@ -154,10 +163,13 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
         "data": {"dir": os.path.abspath(args.data), "manifest_sha256": manifest_sha,
                  "num_samples": len(pairs), "settings": pairs.settings},
         "train": dict(args.to_dict(), timesteps=list(cfg.timesteps), split=cfg.split, precision=precision,
+                      lower_layers=cfg.options.get("lower_layers"),
                       world_size=world, micro_batch=micro, emb_loss_desc=emb_desc),
     }
     log(f"student: {cfg.family}, {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params; "
-        f"timesteps {cfg.timesteps}, split {cfg.split}; {len(pairs)} pairs; batch {args.batch_size} "
+        f"timesteps {cfg.timesteps}, split {cfg.split}; "
+        + (f"DD-H history {args.history}, lower layers {cfg.options['lower_layers']}; " if args.history else "")
+        + f"{len(pairs)} pairs; batch {args.batch_size} "
         f"= {world} rank(s) x {args.grad_accum} accum x {micro}; precision {precision}; embedding loss: {emb_desc}")
 
     codebook = student.codebook
@@ -167,6 +179,9 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
         noise = batch["noise"].to(device, non_blocking=True).float()
         tokens = batch["tokens"].to(device, non_blocking=True).long()
         labels = batch["label"].to(device, non_blocking=True).long()
+        if args.history is not None:       # every timestep of the trajectory, teacher-forced
+            return dd_h_loss(model, noise, tokens, labels, cfg.timesteps, codebook=codebook, step_offsets=offsets,
+                             lambda_ce=args.lambda_ce, lambda_emb=args.lambda_emb, emb_loss=emb_loss)
         t = batch["t"].to(device, non_blocking=True).long()
         return dd_loss(model, noise, tokens, labels, t, codebook=codebook, step_offsets=offsets,
                        lambda_ce=args.lambda_ce, lambda_emb=args.lambda_emb, emb_loss=emb_loss)
@@ -216,6 +231,12 @@ def _parse_timesteps(ctx, param, value):
 @click.option("--split", type=click.IntRange(min=1), default=None,
               help="AR steps < split use the logits head when sampling (recorded in the run). "
                    "Default: LlamaGen-B 80, -L 130; VAR 5 (d20/d24 4); scaled likewise.")
+@click.option("--history", type=click.Choice(["none", "noise", "all"]), default=None,
+              help="DD-H (docs/ddh.md): the lower layers of step k also attend to the earlier steps' inputs "
+                   "(noise: X_{t_1} only; all: every earlier one; none: no history, teacher-forced K-block "
+                   "training only). Default: plain DD.")
+@click.option("--lower-layers", type=click.IntRange(min=0), default=None,
+              help="DD-H: how many lower layers attend to the history. Default: all layers.")
 @click.option("--lambda-ce", default=0.1, show_default=True, type=float, help="Weight of the cross-entropy loss.")
 @click.option("--lambda-emb", default=1.0, show_default=True, type=float, help="Weight of the embedding loss.")
 @click.option("--emb-loss", type=click.Choice(["mse", "lpips"]), default="mse", show_default=True,
@@ -226,12 +247,13 @@ def _parse_timesteps(ctx, param, value):
 @click.option("--tokenizer-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Teacher tokenizer checkpoint, if not where the data set's manifest says.")
 @loop_options(max_steps=100_000)
-def train_command(data, out, timesteps, split, lambda_ce, lambda_emb, emb_loss, lpips_net, teacher_checkpoint,
-                  tokenizer_checkpoint, no_progress, **loop):
+def train_command(data, out, timesteps, split, history, lower_layers, lambda_ce, lambda_emb, emb_loss, lpips_net,
+                  teacher_checkpoint, tokenizer_checkpoint, no_progress, **loop):
     """Train a DD student on a pair data set (multi-process under torchrun)."""
     args = TrainArgs(data=data, out=out, timesteps=timesteps, split=split, lambda_ce=lambda_ce,
                      lambda_emb=lambda_emb, emb_loss=emb_loss, lpips_net=lpips_net, progress=not no_progress,
-                     checkpoint=teacher_checkpoint, tokenizer_checkpoint=tokenizer_checkpoint, **loop)
+                     checkpoint=teacher_checkpoint, tokenizer_checkpoint=tokenizer_checkpoint,
+                     history=history, lower_layers=lower_layers, **loop)
     try:
         train(args, log=click.echo)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
