@@ -127,3 +127,31 @@ class StepKV:
         if self.past_k is None:
             return k, v
         return torch.cat((self.past_k, k), dim=2), torch.cat((self.past_v, v), dim=2)
+
+
+class HistoryForward:
+    """What both DD backbones (student_llamagen, student_var) do the same with or without DD-H: they
+    bring `hidden`, `hidden_step`, `hidden_blocks` and `_heads` (hidden states -> logits, emb), and
+    `history` (a HistorySpec, None for plain DD)."""
+
+    history: Optional[HistorySpec]
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor,
+                history: Optional[HistoryCache] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, n, C]; labels: [B]; is_data: [B, n] bool -> (logits [B, n, V] fp32, emb [B, n, C]
+        fp32); the class/start slot is dropped. history: DD-H's cache (a sampling step)."""
+        if history is None:
+            return self._heads(*self.hidden(x, labels, is_data))
+        return self._heads(*self.hidden_step(x, labels, is_data, history))
+
+    def forward_blocks(self, xs: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """DD-H teacher-forced: xs [B, K, n, C] -> (logits [B, K, n, V], emb [B, K, n, C])."""
+        return self._heads(*self.hidden_blocks(xs, labels, is_data))
+
+    def _spec(self, K: int) -> HistorySpec:
+        if self.history is None:
+            raise ValueError("not a DD-H student (trained without --history)")
+        if K > self.history.num_blocks:
+            raise ValueError(f"{K} blocks; this DD-H student was trained with {self.history.num_blocks}")
+        return self.history

@@ -28,7 +28,7 @@ from torch import nn
 
 from teachers.llamagen import GPT_IGNORE, GPTConfig, LabelEmbedder, RMSNorm, RopeTable, TransformerBlock
 
-from .student_history import HistoryCache, HistorySpec, history_options
+from .student_history import HistoryCache, HistoryForward, HistorySpec, history_options
 from .student_layers import FinalLayer
 
 
@@ -41,7 +41,7 @@ def fit_token_projection(codebook: torch.Tensor, table: torch.Tensor) -> Tuple[t
     return X[:-1].t().contiguous(), X[-1].contiguous()
 
 
-class LlamaGenDD(RopeTable, nn.Module):
+class LlamaGenDD(HistoryForward, RopeTable, nn.Module):
     """The LlamaGen DD student backbone (released key layout)."""
 
     family = "llamagen"
@@ -210,13 +210,6 @@ class LlamaGenDD(RopeTable, nn.Module):
         cache.advance()
         return h, cond
 
-    def _spec(self, K: int) -> HistorySpec:
-        if self.history is None:
-            raise ValueError("not a DD-H student (trained without --history)")
-        if K > self.history.num_blocks:
-            raise ValueError(f"{K} blocks; this DD-H student was trained with {self.history.num_blocks}")
-        return self.history
-
     def _heads(self, h: torch.Tensor, cond: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """h [..., 1 + n, dim] (class slot first); cond [B, 1, dim] -> (logits [..., n, V], emb [..., n, C])."""
         h = h[..., 1:, :]
@@ -224,16 +217,3 @@ class LlamaGenDD(RopeTable, nn.Module):
         shape = h.shape
         emb = self.final_layer_conti(h.reshape(shape[0], -1, shape[-1]), cond).float()
         return logits, emb.view(*shape[:-1], -1)
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor,
-                history: Optional[HistoryCache] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, n, C]; labels: [B]; is_data: [B, n] bool -> (logits [B, n, V] fp32,
-        emb [B, n, C] fp32); the class slot is dropped. history: DD-H's cache (a sampling step)."""
-        if history is None:
-            return self._heads(*self.hidden(x, labels, is_data))
-        return self._heads(*self.hidden_step(x, labels, is_data, history))
-
-    def forward_blocks(self, xs: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """DD-H teacher-forced: xs [B, K, n, C] -> (logits [B, K, n, V], emb [B, K, n, C])."""
-        return self._heads(*self.hidden_blocks(xs, labels, is_data))

@@ -39,7 +39,7 @@ from torch import nn
 from teachers.var import (VAR_IGNORE, AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, VARConfig, init_linear_embedding_,
                           level_ids)
 
-from .student_history import HistoryCache, HistorySpec, StepKV, history_options
+from .student_history import HistoryCache, HistoryForward, HistorySpec, StepKV, history_options
 from .student_layers import FinalLayer
 
 
@@ -50,7 +50,7 @@ def dd_attn_bias(levels: torch.Tensor) -> torch.Tensor:
     return torch.where(see, 0.0, -torch.inf).reshape(1, 1, len(levels), len(levels))
 
 
-class VARDD(nn.Module):
+class VARDD(HistoryForward, nn.Module):
     """The VAR DD student backbone (released key layout)."""
 
     family = "var"
@@ -254,13 +254,6 @@ class VARDD(nn.Module):
         cache.advance()
         return self._out(h, types), cond
 
-    def _spec(self, K: int) -> HistorySpec:
-        if self.history is None:
-            raise ValueError("not a DD-H student (trained without --history)")
-        if K > self.history.num_blocks:
-            raise ValueError(f"{K} blocks; this DD-H student was trained with {self.history.num_blocks}")
-        return self.history
-
     def _heads(self, h: torch.Tensor, cond: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """h [B, (K,) 1 + n, C]; cond [B, C] -> (logits [B, (K,) n, V], emb [B, (K,) n, Cvae])."""
         shape = h.shape
@@ -268,16 +261,3 @@ class VARDD(nn.Module):
         logits = self.head(self.head_nm(flat, cond)).float().view(*shape[:-1], -1)[..., 1:, :]
         emb = self.final_layer_conti(flat, cond).float().view(*shape[:-1], -1)[..., 1:, :]
         return logits, emb
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor,
-                history: Optional[HistoryCache] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, n, Cvae]; labels: [B]; is_data: [B, n] bool -> (logits [B, n, V] fp32,
-        emb [B, n, Cvae] fp32); the start slot is dropped. history: DD-H's cache (a sampling step)."""
-        if history is None:
-            return self._heads(*self.hidden(x, labels, is_data))
-        return self._heads(*self.hidden_step(x, labels, is_data, history))
-
-    def forward_blocks(self, xs: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """DD-H teacher-forced: xs [B, K, n, Cvae] -> (logits [B, K, n, V], emb [B, K, n, Cvae])."""
-        return self._heads(*self.hidden_blocks(xs, labels, is_data))
