@@ -9,14 +9,14 @@ Diffusion samples have no tokens: the store's `tokens` are [N, 0].
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
-from .fileio import normalise_json
+from .fileio import file_sha256, normalise_json
+from .run_dir import WEIGHTS_FILE
 from .trajectories import trajectory_noise
 
 SAMPLERS = ("ard", "ddim")
@@ -65,16 +65,6 @@ class DiffusionPlan:
         return x0, torch.zeros(len(idx), 0, dtype=torch.int16)
 
 
-def state_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 (16 hex) of a module's state dict (keys, dtypes, shapes, bytes): which weights sampled."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
 def sample_settings(plan: DiffusionPlan, *, seed: int, labels: str, shard_size: int, run: Optional[str]) -> dict:
     """What decides the samples (the sample store compares them on resume)."""
     t = plan.teacher
@@ -84,7 +74,7 @@ def sample_settings(plan: DiffusionPlan, *, seed: int, labels: str, shard_size: 
         "steps": int(plan.steps), "cfg_scale": float(plan.cfg_scale) if plan.kind == "ddim" else None,
         "cfg_channels": plan.cfg_channels if plan.kind == "ddim" else None, "ard": ard,
         "run": os.path.abspath(run) if run else None,
-        "student_sha256": state_fingerprint(plan.student) if plan.kind == "ard" else None,
+        "student_sha256": file_sha256(os.path.join(run, WEIGHTS_FILE)) if plan.kind == "ard" else None,
         "seed": int(seed), "labels": labels, "num_classes": int(t.num_classes), "shard_size": int(shard_size),
         "image_shape": [int(t.image_size), int(t.image_size), 3], "num_tokens": 0, "token_dtype": "int16",
     })

@@ -42,16 +42,14 @@ from .distributed import barrier
 from .errors import DDError
 from .fileio import file_sha256
 from .history_mask import MASKS, canonical
-from .run_dir import (CONFIG_FILE, claim_run_dir, publish, read_run_config as _read_config,
-                      write_run_config as _write_config)
+from .run_dir import (CONFIG_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE, claim_run_dir, publish,
+                      read_run_config as _read_config, write_run_config as _write_config)
 from .teacher_spec import TeacherSpec
 from .trainer import LoopArgs, loop_options, micro_batch_size, on_ranks, resolve_precision, resume_or_refuse, run_training, update_ema
 from .trajectories import TrajectoryDataset, teacher_differences
 
 RUN_FORMAT = "ard-student"
 RUN_FORMAT_VERSION = 1
-WEIGHTS_FILE = "student.safetensors"
-RAW_WEIGHTS_FILE = "student_raw.safetensors"
 PAPER_LOWER_LAYERS, PAPER_DEPTH = 6, 28
 
 # Arguments that define the stream of batches and updates: a resume must keep them.
@@ -186,7 +184,7 @@ def _train(args: ARDTrainArgs, rank: int, world: int, device: str, log: Callable
         return ard_loss(model, states, labels)
 
     def on_checkpoint(path: str, at: int) -> None:
-        publish(out, path, {"ema.safetensors": WEIGHTS_FILE, "model.safetensors": RAW_WEIGHTS_FILE})
+        publish(out, path)
         write_ard_run_config(out, config, dict(run_info, step=at, weights="ema"))
 
     if rank == 0:

@@ -2,7 +2,7 @@
 metrics, for any method (what the files hold is the method's business).
 
     config.json                                     write_run_config / read_run_config (format-tagged)
-    <published weights>.safetensors                 hard links to the latest checkpoint's (publish)
+    student.safetensors, student_raw.safetensors    the latest checkpoint's EMA and raw weights (publish)
     checkpoints/step-XXXXXXXX/<name>.safetensors, optimizer.pt, state.json   save_checkpoint
     metrics.jsonl                                   one JSON record per logged step
 
@@ -27,6 +27,8 @@ CKPT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+WEIGHTS_FILE = "student.safetensors"          # the EMA weights, what sampling loads
+RAW_WEIGHTS_FILE = "student_raw.safetensors"
 
 
 # ---- config.json -------------------------------------------------------------------------------
@@ -129,9 +131,10 @@ def load_checkpoint(path: str, stems, device) -> Tuple[Dict[str, dict], dict, di
     return weights, opt, state
 
 
-def publish(out: str, ckpt: str, files: Dict[str, str]) -> None:
-    """Point run-directory files at a checkpoint's: {checkpoint file name: run file name}."""
-    for src, dst in files.items():
+def publish(out: str, ckpt: str) -> None:
+    """Point the run directory's weight files at checkpoint `ckpt`'s (saved under the stems "ema" and
+    "model", as every method's train_loop checkpoint is)."""
+    for src, dst in (("ema.safetensors", WEIGHTS_FILE), ("model.safetensors", RAW_WEIGHTS_FILE)):
         link_or_copy(os.path.join(ckpt, src), os.path.join(out, dst))
 
 

@@ -13,7 +13,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .run_dir import CONFIG_FILE, read_run_config as _read_config, write_run_config as _write_config
+from .run_dir import CONFIG_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE, read_run_config as _read_config, write_run_config as _write_config
 from .fileio import save_state_dict
 from .student import DDStudent, StudentConfig, build_backbone_loaded
 
@@ -22,8 +22,6 @@ __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "RAW_WEIGHTS_FILE", "CODEBOOK_FILE", "
 
 RUN_FORMAT = "dd-student"
 RUN_FORMAT_VERSION = 1
-WEIGHTS_FILE = "student.safetensors"
-RAW_WEIGHTS_FILE = "student_raw.safetensors"
 CODEBOOK_FILE = "codebook.safetensors"
 
 

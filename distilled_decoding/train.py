@@ -47,7 +47,7 @@ from .pairs import teacher_differences
 from .run_dir import claim_run_dir, publish
 from .seeding import sample_timestep
 from .student import DDStudent, build_student
-from .student_run import CODEBOOK_FILE, CONFIG_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE, read_run_config, write_run_config
+from .student_run import CODEBOOK_FILE, CONFIG_FILE, read_run_config, write_run_config
 from .trainer import LoopArgs, loop_options, micro_batch_size, on_ranks, resolve_precision, resume_or_refuse, run_training, update_ema
 
 # Arguments that define the stream of batches, timesteps and updates: a resume must keep them.
@@ -203,7 +203,7 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
 
 def _publish(out: str, ckpt: str, student: DDStudent, cfg, info: dict) -> None:
     """Point the run directory's student files at checkpoint `ckpt` (EMA as student.safetensors)."""
-    publish(out, ckpt, {"ema.safetensors": WEIGHTS_FILE, "model.safetensors": RAW_WEIGHTS_FILE})
+    publish(out, ckpt)
     if not os.path.exists(os.path.join(out, CODEBOOK_FILE)):
         save_state_dict(os.path.join(out, CODEBOOK_FILE), {"codebook": student.codebook.float()})
     write_run_config(out, cfg, dict(info, weights="ema"))
