@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shlex
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
@@ -28,6 +27,9 @@ from typing import Callable, Dict, List, Optional
 import click
 import numpy as np
 import torch
+
+from .demo import run_verb
+from .seeding import reference_seed, sample_seeds
 
 TEACHER = "digits-dit"
 
@@ -60,22 +62,6 @@ SIZES = {
     "tiny": ARDDemoSize(num_trajectories=24, train_steps=3, kd_steps=3, batch_size=8, lr=1e-3, ema_decay=0.5,
                         num_samples=20, num_seeds=1, sample_batch=20, timing_batch=10, timing_rounds=1),
 }
-
-
-def reference_seed(seed: int) -> int:
-    """The seed of the teacher's reference draw (every "vs teacher" column compares with it)."""
-    return seed + 1000
-
-
-def sample_seeds(seed: int, num: int) -> List[int]:
-    """The evaluation seeds, distinct from the reference's and from the training data's (`seed`)."""
-    return [seed + 2000 + 1000 * i for i in range(num)]
-
-
-def run_verb(verbs: Dict[str, click.Command], args: List[str], log: Callable[[str], None]) -> None:
-    """Run one `dd ard` verb in-process, printing its command line first."""
-    log("\n$ dd ard " + " ".join(shlex.quote(str(a)) for a in args))
-    verbs[args[0]].main(args=[str(a) for a in args[1:]], prog_name=f"dd ard {args[0]}", standalone_mode=False)
 
 
 def _images(path: str) -> np.ndarray:
@@ -149,7 +135,7 @@ def build_trajectories(verbs: Dict[str, click.Command], data: str, size: ARDDemo
     """`dd ard build-dataset` of the demo's teacher into `data` (resumes; a finished set is verified)."""
     run_verb(verbs, ["build-dataset", "--teacher", TEACHER, "--out", data, "--num-samples", size.num_trajectories,
                      "--num-steps", size.num_steps, "--batch-size", size.sample_batch, "--shard-size", 1000,
-                     "--history", history, "--seed", seed, "--device", device], log)
+                     "--history", history, "--seed", seed, "--device", device], log, group="dd ard")
 
 
 def train_student(verbs: Dict[str, click.Command], data: str, run: str, extra: List, steps: int, size: ARDDemoSize,
@@ -161,7 +147,7 @@ def train_student(verbs: Dict[str, click.Command], data: str, run: str, extra: L
             "--num-workers", 0, "--seed", seed, "--device", device, "--no-progress"]
     if os.path.exists(os.path.join(run, "config.json")) or os.path.isdir(os.path.join(run, "checkpoints")):
         args.append("--resume")
-    run_verb(verbs, args, log)
+    run_verb(verbs, args, log, group="dd ard")
 
 
 def evaluate_methods(methods: List[Method], data: str, samples_dir: str, size: ARDDemoSize,
@@ -194,7 +180,7 @@ def evaluate_methods(methods: List[Method], data: str, samples_dir: str, size: A
     for key, s, extra in plan:
         d = os.path.join(samples_dir, f"{key}-seed{s}{tags.get(key, '')}")
         run_verb(verbs, ["sample", "--out", d, *extra, "--num-samples", size.num_samples, "--batch-size",
-                         size.sample_batch, "--seed", s, "--labels", "balanced", "--device", device, "--no-progress"], log)
+                         size.sample_batch, "--seed", s, "--labels", "balanced", "--device", device, "--no-progress"], log, group="dd ard")
         files.setdefault(key, []).append(os.path.join(d, "samples.npz"))
         used.setdefault(key, []).append(s)
 

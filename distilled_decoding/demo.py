@@ -16,11 +16,12 @@ import json
 import os
 import shlex
 import time
-from typing import Callable, List
+from typing import Callable, Dict, List
 
 import click
 
 from .distributed import device_option_check
+from .seeding import reference_seed, sample_seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,19 +63,15 @@ def run_dd(args: List[str], log: Callable[[str], None] = click.echo) -> None:
     from .sampling import sample_cmd
     from .train import train_command
 
-    verbs = {c.name: c for c in (build_dataset_command, train_command, sample_cmd)}
-    log("\n$ dd " + " ".join(shlex.quote(a) for a in args))
-    verbs[args[0]].main(args=args[1:], prog_name=f"dd {args[0]}", standalone_mode=False)
+    run_verb({c.name: c for c in (build_dataset_command, train_command, sample_cmd)}, args, log)
 
 
-def reference_seed(seed: int) -> int:
-    """Seed of the teacher's reference draw that every "vs teacher" column compares with."""
-    return seed + 1000
-
-
-def sample_seeds(seed: int, num: int) -> List[int]:
-    """The evaluation seeds of every method (and of the floor row), all distinct from the reference."""
-    return [seed + 2000 + 1000 * i for i in range(num)]
+def run_verb(verbs: Dict[str, click.Command], args: List, log: Callable[[str], None], group: str = "dd") -> None:
+    """Run verb args[0] of `verbs` in-process with args[1:] (str()-ed), printing its command line
+    (`group` names the command group, e.g. "dd ard") first."""
+    args = [str(a) for a in args]
+    log(f"\n$ {group} " + " ".join(shlex.quote(a) for a in args))
+    verbs[args[0]].main(args=args[1:], prog_name=f"{group} {args[0]}", standalone_mode=False)
 
 
 def _timing(path: str) -> dict:

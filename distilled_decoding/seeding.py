@@ -110,3 +110,14 @@ def check_label_spec(labels: str, num_classes: int) -> None:
         raise ValueError(f"--labels {labels!r}: balanced, uniform or comma-separated class ids") from None
     if not ids or any(not 0 <= i < num_classes for i in ids):
         raise ValueError(f"--labels {labels!r}: class ids must lie in [0, {num_classes})")
+
+
+def reference_seed(seed: int) -> int:
+    """Seed of a demo's reference teacher draw, which every "vs teacher" column compares with."""
+    return seed + 1000
+
+
+def sample_seeds(seed: int, num: int) -> List[int]:
+    """A demo's evaluation seeds (every method's and the floor row's): distinct from the reference's
+    and from the training data's (`seed`)."""
+    return [seed + 2000 + 1000 * i for i in range(num)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distilled_decoding import quality
-from distilled_decoding.demo import reference_seed, sample_seeds
+from distilled_decoding.seeding import reference_seed, sample_seeds
 from distilled_decoding.extractors import ModuleExtractor
 from distilled_decoding.sampling import TokenMarginals, to_uint8
 from tiny_teachers import saved_teacher

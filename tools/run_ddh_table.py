@@ -27,7 +27,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from distilled_decoding.demo import DemoSize, reference_seed, run_dd, sample_seeds, _timing  # noqa: E402
+from distilled_decoding.demo import DemoSize, run_dd, _timing  # noqa: E402
+from distilled_decoding.seeding import reference_seed, sample_seeds  # noqa: E402
 
 # 4-step and 2-step schedules per family (the 2-step one is the paper's scaled default)
 SCHEDULES = {"llamagen": {1: "1", 2: "1,21", 4: "1,17,33,49"}, "var": {1: "1", 2: "1,4", 4: "1,2,3,4"}}
