@@ -52,6 +52,11 @@ require identical indices across batch shapes, orders, row chunks and V-chunk si
 
 Teacher-agnostic: inputs are plain tensors (probs: [B, k, V], rows summing to 1, e.g. a teacher's
 `step_probs`).
+
+DD2 reuses the posterior: `denoise` also takes per-row times t [N] and is differentiable in x and log p
+(a chunked backward that recomputes the weights), which `dd2_score.conditional_score` turns into the
+teacher's conditional score at per-position τ = 1 − t. The flow map's own path (scalar t, no gradient)
+computes exactly what it did before.
 """
 from __future__ import annotations
 
