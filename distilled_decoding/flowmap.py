@@ -52,6 +52,11 @@ require identical indices across batch shapes, orders, row chunks and V-chunk si
 
 Teacher-agnostic: inputs are plain tensors (probs: [B, k, V], rows summing to 1, e.g. a teacher's
 `step_probs`).
+
+DD2 reuses the posterior: `denoise` also takes per-row times t [N] and is differentiable in x and log p
+(a chunked backward that recomputes the weights), which `dd2_score.conditional_score` turns into the
+teacher's conditional score at per-position τ = 1 − t. The flow map's own path (scalar t, no gradient)
+computes exactly what it did before.
 """
 from __future__ import annotations
 
@@ -61,6 +66,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from .dpm_solver import SPACINGS, VARIANTS, dpm_solver_pp, timesteps
 
@@ -177,8 +183,9 @@ def codebook_warning(codebook: torch.Tensor, config: FlowMapConfig) -> Optional[
 
 
 # ---- the Dirac-mixture denoiser ------------------------------------------------------------------
-def _logit_scales(t: float) -> Tuple[float, float]:
-    """(a, b) with logits = log p + a·x·c − b·‖c‖²: a = t/(1 − t)², b = ½t²/(1 − t)²."""
+def _logit_scales(t):
+    """(a, b) with logits = log p + a·x·c − b·‖c‖²: a = t/(1 − t)², b = ½t²/(1 − t)².
+    t: a float, or a tensor [N] of per-row times (then a and b are [N])."""
     inv = 1.0 / ((1.0 - t) * (1.0 - t))
     return t * inv, 0.5 * t * t * inv
 
@@ -194,22 +201,33 @@ def _augment(codebook: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([codebook, csq], 1), torch.cat([codebook, torch.ones_like(csq)], 1).t().contiguous()
 
 
-def posterior_logits(x: torch.Tensor, t: float, logp: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+def _x_augment(x: torch.Tensor, t) -> torch.Tensor:
+    """x's half of the logits, [a·x, −b] [N, C + 1] (see `_augment`); t a float or a tensor [N]."""
+    a, b = _logit_scales(t)
+    if isinstance(t, torch.Tensor):
+        return torch.cat([x * a[:, None], -b[:, None]], 1)
+    return torch.cat([x * a, x.new_full((x.shape[0], 1), -b)], 1)
+
+
+def posterior_logits(x: torch.Tensor, t, logp: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Dense unnormalised log posterior weights [N, V] (small problems and tests only).
 
-    x: [N, C]; logp: [N, V] (−inf where p = 0); codebook: [V, C]; 0 <= t < 1.
+    x: [N, C]; logp: [N, V] (−inf where p = 0); codebook: [V, C]; t: a float or per-row times [N],
+    0 <= t < 1.
     """
     a, b = _logit_scales(t)
+    if isinstance(t, torch.Tensor):
+        a, b = a[:, None], b[:, None]
     return logp + a * (x @ codebook.t()) - b * codebook.pow(2).sum(1)
 
 
-def _denoise(x: torch.Tensor, t: float, logp: torch.Tensor, cb_sq: torch.Tensor, cb_one_t: torch.Tensor,
-             v_chunk: int) -> torch.Tensor:
-    """D(x, t) [N, C] with an online log-sum-exp over fixed chunks of V (see `denoise`; cb_sq [V, C + 1],
-    cb_one_t [C + 1, V] from `_augment`)."""
+def _posterior_sums(x: torch.Tensor, t, logp: torch.Tensor, cb_sq: torch.Tensor, cb_one_t: torch.Tensor,
+                    v_chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The online log-sum-exp over fixed chunks of V behind `denoise`: (acc [N, C + 1], m [N]) with
+    acc = [Σ w c, Σ w]·e^{−m} for the unnormalised weights w = e^{logits} (floored at e^{−EXP_FLOOR}
+    of the running max), so D = acc[:, :C]/acc[:, C] and log Σ w = m + log acc[:, C]."""
     n, c = x.shape
-    a, b = _logit_scales(t)
-    xa = torch.cat([x * a, x.new_full((n, 1), -b)], 1)          # [N, C + 1]
+    xa = _x_augment(x, t)                                          # [N, C + 1]
     m = x.new_full((n,), -math.inf)                                # running max of the logits
     acc = x.new_zeros(n, c + 1)                                    # running [Σ w c, Σ w] at scale e^{−m}
     for v0 in range(0, cb_sq.shape[0], v_chunk):
@@ -220,19 +238,88 @@ def _denoise(x: torch.Tensor, t: float, logp: torch.Tensor, cb_sq: torch.Tensor,
         lg.sub_(shift[:, None]).clamp_(min=-EXP_FLOOR).exp_()     # weights at scale e^{−shift}
         acc = acc * torch.exp(m - shift)[:, None] + (cb_one_t[:, sl] @ lg.t()).t()
         m = m_new
+    return acc, m
+
+
+def _denoise(x: torch.Tensor, t, logp: torch.Tensor, cb_sq: torch.Tensor, cb_one_t: torch.Tensor,
+             v_chunk: int) -> torch.Tensor:
+    """D(x, t) [N, C] with an online log-sum-exp over fixed chunks of V (see `denoise`; cb_sq [V, C + 1],
+    cb_one_t [C + 1, V] from `_augment`; t a float or per-row times [N])."""
+    c = x.shape[1]
+    acc, _ = _posterior_sums(x, t, logp, cb_sq, cb_one_t, v_chunk)
     return acc[:, :c] / acc[:, c:]
 
 
-def denoise(x: torch.Tensor, t: float, logp: torch.Tensor, codebook: torch.Tensor,
+def _denoise_vjp(g: torch.Tensor, x: torch.Tensor, t, logp: torch.Tensor, cb_sq: torch.Tensor,
+                 cb_one_t: torch.Tensor, d: torch.Tensor, log_z: torch.Tensor, v_chunk: int,
+                 want_logp: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """gᵀ∂D/∂x [N, C] and gᵀ∂D/∂log p [N, V] (None unless want_logp), recomputing the weights chunk by
+    chunk from the forward's D [N, C] and log Σ w [N] (nothing [N, V] is kept between the passes).
+
+    With w_j the posterior weights, ∂D/∂log p_j = w_j (c_j − D) and ∂D/∂x = a·Cov_w[c] (a = t/(1 − t)²),
+    so both are sums of r_j = w_j (g·c_j − g·D): gᵀ∂D/∂log p_j = r_j, gᵀ∂D/∂x = a·Σ_j r_j c_j.
+    """
+    n, c = x.shape
+    a, _ = _logit_scales(t)
+    xa = _x_augment(x, t)                                          # [N, C + 1]
+    ga = torch.cat([g, -(g * d).sum(1, keepdim=True)], 1)          # [N, C + 1]: [g, −g·D]
+    gx = x.new_zeros(n, c)
+    glogp = torch.empty_like(logp) if want_logp else None
+    for v0 in range(0, cb_sq.shape[0], v_chunk):
+        sl = slice(v0, v0 + v_chunk)
+        w = torch.addmm(logp[:, sl], xa, cb_sq[sl].t())            # [N, Vc] logits
+        w.sub_(log_z[:, None]).clamp_(min=-EXP_FLOOR).exp_()      # normalised weights
+        r = w.mul_(ga @ cb_one_t[:, sl])                           # [N, Vc] w_j (g·c_j − g·D)
+        if glogp is not None:
+            glogp[:, sl] = r
+        gx += r @ cb_sq[sl, :c]
+    return gx * (a[:, None] if isinstance(a, torch.Tensor) else a), glogp
+
+
+class _Denoise(torch.autograd.Function):
+    """`denoise` with a chunked, recomputing backward (x and log p; t and the codebook get none)."""
+
+    @staticmethod
+    def forward(ctx, x, t, logp, codebook, v_chunk):
+        c = x.shape[1]
+        cb_sq, cb_one_t = _augment(codebook.to(x.dtype))
+        logp = logp.to(x.dtype)
+        acc, m = _posterior_sums(x, t, logp, cb_sq, cb_one_t, v_chunk)
+        d = acc[:, :c] / acc[:, c:]
+        tt = t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float64)
+        ctx.t_is_tensor = isinstance(t, torch.Tensor)
+        ctx.v_chunk = v_chunk
+        ctx.save_for_backward(x, tt, logp, codebook, d, m + acc[:, c].log())
+        return d
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, tt, logp, codebook, d, log_z = ctx.saved_tensors
+        t = tt if ctx.t_is_tensor else float(tt)
+        cb_sq, cb_one_t = _augment(codebook.to(x.dtype))
+        gx, glogp = _denoise_vjp(g.to(x.dtype), x, t, logp, cb_sq, cb_one_t, d, log_z, ctx.v_chunk,
+                                 ctx.needs_input_grad[2])
+        return gx if ctx.needs_input_grad[0] else None, None, glogp, None, None
+
+
+def denoise(x: torch.Tensor, t, logp: torch.Tensor, codebook: torch.Tensor,
             v_chunk: int = V_CHUNK) -> torch.Tensor:
     """Posterior mean D(x, t) = Σ_j softmax_j(logits) c_j of the Dirac mixture: [N, C].
 
-    x: [N, C]; logp: [N, V] log-probabilities (−inf where p = 0; every row needs some support);
-    codebook: [V, C]. Works in x's dtype; reduces over V in chunks of `v_chunk` codes with an online
-    log-sum-exp, so the working set is ~2·N·v_chunk numbers beyond the inputs.
+    x: [N, C]; t: a float, or a tensor [N] of per-row times (each 0 <= t < 1); logp: [N, V]
+    log-probabilities (−inf where p = 0; every row needs some support); codebook: [V, C]. Works in x's
+    dtype; reduces over V in chunks of `v_chunk` codes with an online log-sum-exp, so the working set is
+    ~2·N·v_chunk numbers beyond the inputs. Differentiable in x and logp (first order): the backward
+    recomputes the weights chunk by chunk (`_denoise_vjp`); t and the codebook take no gradient.
     """
-    cb_sq, cb_one_t = _augment(codebook.to(x.dtype))
-    return _denoise(x, t, logp.to(x.dtype), cb_sq, cb_one_t, v_chunk)
+    if isinstance(t, torch.Tensor):
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"per-row times must be [N] = [{x.shape[0]}], got {tuple(t.shape)}")
+        t = t.to(x.dtype)
+    if torch.is_grad_enabled() and (codebook.requires_grad or (isinstance(t, torch.Tensor) and t.requires_grad)):
+        raise ValueError("denoise is differentiable in x and logp only, not in t or the codebook")
+    return _Denoise.apply(x, t, logp, codebook, v_chunk)
 
 
 # ---- nearest code ----------------------------------------------------------------------------------
