@@ -1,4 +1,5 @@
-"""DD-H: the history-conditioned DD student's options, masks and sequential KV cache (issue 17).
+"""DD-H: the history-conditioned DD student's options, masks, gated attention and sequential KV cache
+(issue 17).
 
 A plain DD student runs its K sampler steps independently: step k sees X_{t_k} only (Algorithm 3). A
 DD-H student (`--history noise|all --lower-layers N`) is the same backbone whose lower N layers also
@@ -7,26 +8,45 @@ attend to the keys/values of the earlier inputs X_{t_1}, ..., X_{t_{k-1}} of the
 `within` (LlamaGen causal, VAR its scale mask); the upper layers see block k only. A per-token step
 embedding `step_embed` [K, L, D], zero at initialisation, is added at block k's input.
 
+The history enters through a zero-initialised gate. In each lower layer that can see history
+(`--history noise|all`) the attention module carries `history_gate` alpha [H], zeros at
+initialisation, and its output per head h is
+
+    out_h = A_own_h + g_h · (A_full_h − A_own_h),    g_h = tanh(alpha_h)
+
+A_full: one softmax over the block's own keys (under `within`) and the visible history keys (the
+ungated DD-H attention); A_own: the softmax over the block's own keys only, what the plain student
+computes. tanh: g(0) = 0 with slope 1 there (the gate gets a gradient from the first step), |g| < 1,
+and g = 1.0 exactly in fp32 from alpha ≈ 9.5 (then the layer is the ungated DD-H attention). So a fresh
+DD-H computes today's student exactly (g = 0: A_own alone; tests/test_ddh.py, ≤ 1e-6) for every kind,
+N and block; training opens the gate per head. The gate costs one more softmax per lower layer, over
+the block's own L keys only (A_own is computed block by block, 1/K of A_full's keys in the
+teacher-forced pass); plain DD (no --history) and the upper layers run exactly as before.
+
+The backbones (student_llamagen, student_var) turn their lower layers' attention modules into gated
+subclasses (`add_history_gate`) that compute q, k, v as the teacher's and hand them to a
+`HistoryAttention`, which does the two softmaxes, the gate and the cache here, once for both families.
+
 Training is teacher-forced: every X_{t_k} is `make_xt(codebook[tokens], noise, t_k)`, so all K blocks
 go through one forward (`DDStudent.forward_blocks`; the loss `dd_loss.dd_h_loss`). Sampling runs the
 blocks one at a time (`DDStudent.forward(..., history=HistoryCache)`), the lower layers appending the
 keys/values of each block to the cache, so a step costs the plain step plus attention over N layers'
-cached blocks; teacher-forced and cached sequential outputs agree (tests/test_ddh.py).
-
-At initialisation DD-H computes today's student exactly for `--history none`, for `--lower-layers 0`
-and for the first block of every kind (no history yet); for later blocks of noise/all the history keys
-join each lower layer's softmax from the start (as ARD's student), so a fresh DD-H differs there.
+cached blocks (and the own-block softmax); teacher-forced and cached sequential outputs agree
+(tests/test_ddh.py).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .history_mask import block_mask, canonical, history_mask
 
 HISTORY_KINDS = ("none", "noise", "all")
 OPTION_KEYS = ("history", "lower_layers", "history_steps")
+GATE = "history_gate"           # the parameter name of a gated attention module's alpha [H]
 
 
 def history_options(depth: int, history: Optional[str] = None, lower_layers: Optional[int] = None,
@@ -47,15 +67,23 @@ def history_options(depth: int, history: Optional[str] = None, lower_layers: Opt
     return {"history": history, "lower_layers": n, "history_steps": int(history_steps)}
 
 
+def gated_layers(history: str, lower: int) -> int:
+    """How many lower layers read history through a gate: N for noise / all, 0 for none (whose lower
+    layers see their own block only, as the upper ones)."""
+    return int(lower) if canonical(history) != "M1" else 0
+
+
 class HistorySpec:
     """What a DD-H backbone keeps: kind (none | noise | all), N lower layers, K blocks, L slots a block,
-    within [L, L] bool (the backbone's own mask, True = attend)."""
+    within [L, L] bool (the backbone's own mask, True = attend); `gated` = the lower layers that read
+    history (`gated_layers`)."""
 
     def __init__(self, kind: str, lower: int, num_blocks: int, block_len: int, within: torch.Tensor):
         self.kind, self.lower, self.num_blocks, self.block_len = kind, int(lower), int(num_blocks), int(block_len)
         self.within = within.bool()
         self.mask = history_mask(self.num_blocks, self.block_len, canonical(kind), self.within)   # [K·L, K·L]
         self.blocks = block_mask(self.num_blocks, canonical(kind))                                 # [K, K]
+        self.gated = gated_layers(kind, self.lower)
 
     def earlier(self, k: int) -> List[int]:
         """The earlier blocks j < k that block k's lower layers attend to."""
@@ -112,27 +140,91 @@ class HistoryCache:
         self.step += 1
 
 
-class StepKV:
-    """One lower layer's cache for one sampling step, in the protocol of VAR's `SelfAttention`
-    (`update(k, v) -> keys and values to attend over`): the earlier visible blocks' keys/values
-    [B, H, m·L, hd] (None: none) before the current block's, which it keeps in `.k`, `.v`."""
+def gate(alpha: torch.Tensor) -> torch.Tensor:
+    """The history gate g = tanh(alpha): alpha [H] -> g [H] (see the module docstring)."""
+    return torch.tanh(alpha)
 
-    def __init__(self, past_k: Optional[torch.Tensor], past_v: Optional[torch.Tensor]):
-        self.past_k, self.past_v = past_k, past_v
-        self.k: Optional[torch.Tensor] = None
-        self.v: Optional[torch.Tensor] = None
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        self.k, self.v = k, v
-        if self.past_k is None:
-            return k, v
-        return torch.cat((self.past_k, k), dim=2), torch.cat((self.past_v, v), dim=2)
+def own_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, within: torch.Tensor,
+                  scale: Optional[float] = None) -> torch.Tensor:
+    """Each block of L slots attends to its own keys only, under within [L, L] bool:
+    q, k, v [B, H, K·L, hd] -> [B, H, K·L, hd] (one softmax per block; the plain student's attention)."""
+    B, H, S, hd = q.shape
+    L = within.shape[0]
+    K = S // L
+
+    def blocks(t: torch.Tensor) -> torch.Tensor:                  # [B, H, K·L, d] -> [B·K, H, L, d]
+        return t.reshape(B, H, K, L, t.shape[-1]).transpose(1, 2).reshape(B * K, H, L, t.shape[-1])
+
+    out = F.scaled_dot_product_attention(blocks(q), blocks(k), blocks(v), attn_mask=within, scale=scale)
+    return out.view(B, K, H, L, -1).transpose(1, 2).reshape(B, H, S, -1)
+
+
+def _heads(t: torch.Tensor, H: int) -> torch.Tensor:
+    """[B, Hkv, S, d] -> [B, H, S, d] (grouped-query keys/values repeated per query head)."""
+    return t if t.shape[1] == H else t.repeat_interleave(H // t.shape[1], dim=1)
+
+
+class HistoryAttention:
+    """How gated lower layer `layer` attends in one DD-H forward. Its gated attention module (see
+    `add_history_gate`) computes q, k, v as the teacher's and calls this instead of its one softmax.
+
+    Teacher-forced (cache None): q, k, v cover K blocks of L slots; A_full is one softmax under
+    `spec.blocks_mask(K, L)`, A_own each block's softmax over its own keys. Cached step (cache given):
+    q, k, v are block `cache.step`'s; A_full reads the cached keys of the earlier visible blocks and
+    its own (`spec.step_mask`), A_own its own only; the block's keys/values are cached for the later
+    blocks that see it."""
+
+    def __init__(self, spec: "HistorySpec", layer: int, block_len: int, cache: Optional["HistoryCache"] = None):
+        self.spec, self.layer, self.block_len, self.cache = spec, int(layer), int(block_len), cache
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
+                 scale: Optional[float] = None) -> torch.Tensor:
+        """q [B, H, K·L, hd]; k, v [B, Hkv, K·L, hd] (Hkv divides H); alpha [H] -> [B, H, K·L, hd]:
+        A_own + gate(alpha)·(A_full − A_own) per head."""
+        H, S, L = q.shape[1], q.shape[2], self.block_len
+        own = own_attention(q, _heads(k, H), _heads(v, H), self.spec.within[:L, :L].to(q.device), scale)
+        if self.cache is None:
+            if S == L:                                   # one block: nothing to read
+                return own
+            mask, kf, vf = self.spec.blocks_mask(S // L, L), k, v
+        else:
+            pk, pv = self.cache.past(self.layer)
+            self.cache.store(self.layer, k, v)
+            if pk is None:
+                return own
+            mask, kf, vf = self.spec.step_mask(self.cache.step, L), torch.cat((pk, k), 2), torch.cat((pv, v), 2)
+        full = F.scaled_dot_product_attention(q, _heads(kf, H), _heads(vf, H), attn_mask=mask.to(q.device),
+                                              scale=scale)
+        g = gate(alpha).to(own.dtype).view(1, H, 1, 1)
+        return own + g * (full - own)
+
+
+def add_history_gate(attention: nn.Module, gated_cls: type, heads: int) -> None:
+    """Make `attention` (a lower layer's attention module) an instance of `gated_cls`, the backbone's
+    subclass of its class that reads history through `HistoryAttention`, with a zero gate
+    `history_gate` [heads]. In place, as torch.nn.utils.parametrize swaps a module's class: the layer
+    keeps its tensors and its key names and no random number is drawn, so a DD-H student's other
+    initial weights are those of the plain student of the same seed."""
+    if not issubclass(gated_cls, type(attention)):
+        raise TypeError(f"{gated_cls.__name__} is not a subclass of {type(attention).__name__}")
+    p = next(attention.parameters())
+    attention.__class__ = gated_cls
+    attention.register_parameter(GATE, nn.Parameter(torch.zeros(heads, dtype=p.dtype, device=p.device)))
+
+
+def load_teacher_part(mine: nn.Module, theirs: nn.Module) -> None:
+    """mine.load_state_dict(theirs.state_dict()), strictly, except for DD-H's history gates, which the
+    teacher does not have (they keep their zeros)."""
+    state = theirs.state_dict()
+    state.update({k: v for k, v in mine.state_dict().items() if k.rsplit(".", 1)[-1] == GATE})
+    mine.load_state_dict(state)
 
 
 class HistoryForward:
     """What both DD backbones (student_llamagen, student_var) do the same with or without DD-H: they
-    bring `hidden`, `hidden_step`, `hidden_blocks` and `_heads` (hidden states -> logits, emb), and
-    `history` (a HistorySpec, None for plain DD)."""
+    bring `hidden`, `hidden_step`, `hidden_blocks` and `_heads` (hidden states -> logits, emb),
+    `history_opts` and `history` (a HistorySpec, None for plain DD)."""
 
     history: Optional[HistorySpec]
 
@@ -148,6 +240,21 @@ class HistoryForward:
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
         """DD-H teacher-forced: xs [B, K, n, C] -> (logits [B, K, n, V], emb [B, K, n, C])."""
         return self._heads(*self.hidden_blocks(xs, labels, is_data))
+
+    def _add_history(self, block_len: int, dim: int, attentions: Sequence[nn.Module], gated_cls: type,
+                     heads: int) -> None:
+        """DD-H's parameters: `step_embed` [K, L, dim] and a gate [heads] in each lower attention module
+        that reads history, all zero (so a fresh DD-H is the plain student)."""
+        o = self.history_opts
+        self.step_embed = nn.Parameter(torch.zeros(o["history_steps"], block_len, dim))
+        for att in list(attentions)[:gated_layers(o["history"], o["lower_layers"])]:
+            add_history_gate(att, gated_cls, heads)
+
+    def _attention(self, layer: int, block_len: int, cache: Optional[HistoryCache] = None
+                   ) -> Optional[HistoryAttention]:
+        """What layer `layer` attends with in a DD-H forward: a HistoryAttention for the gated lower
+        layers, None (its own block, as the plain student) for the others."""
+        return HistoryAttention(self.history, layer, block_len, cache) if layer < self.history.gated else None
 
     def _spec(self, K: int) -> HistorySpec:
         if self.history is None:

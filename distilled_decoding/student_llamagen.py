@@ -26,9 +26,11 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from teachers.llamagen import GPT_IGNORE, GPTConfig, LabelEmbedder, RMSNorm, RopeTable, TransformerBlock
+from teachers.llamagen import (GPT_IGNORE, Attention, GPTConfig, LabelEmbedder, RMSNorm, RopeTable, TransformerBlock,
+                               apply_rope)
 
-from .student_history import HistoryCache, HistoryForward, HistorySpec, history_options
+from .student_history import (HistoryAttention, HistoryCache, HistoryForward, HistorySpec, history_options,
+                              load_teacher_part)
 from .student_layers import FinalLayer
 
 
@@ -39,6 +41,28 @@ def fit_token_projection(codebook: torch.Tensor, table: torch.Tensor) -> Tuple[t
     A = torch.cat([codebook.double().cpu(), torch.ones(codebook.shape[0], 1, dtype=torch.float64)], 1)  # [V, C+1]
     X = torch.linalg.lstsq(A, table.double().cpu(), driver="gelsd").solution                         # [C+1, D]
     return X[:-1].t().contiguous(), X[-1].contiguous()
+
+
+class GatedAttention(Attention):
+    """The attention of a DD-H lower layer that reads history (student_history.add_history_gate makes
+    a teacher `Attention` one): called with a `HistoryAttention` as `kv`, its q, k, v (as the
+    teacher's) go through the two softmaxes and the gate `history_gate` [H] there; otherwise it is
+    the teacher's attention."""
+
+    history_gate: nn.Parameter
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                kv=None) -> torch.Tensor:
+        """x: [B, S, dim] (S = K·L teacher-forced, L a cached step); rope: [S, hd/2, 2] -> [B, S, dim]."""
+        if not isinstance(kv, HistoryAttention):
+            return super().forward(x, rope, mask, kv)
+        B, S, D = x.shape
+        hd, H, Hkv = self.head_dim, self.n_head, self.n_kv_head
+        q, k, v = self.wqkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q = apply_rope(q.view(B, S, H, hd), rope).transpose(1, 2)        # [B, H, S, hd]
+        k = apply_rope(k.view(B, S, Hkv, hd), rope).transpose(1, 2)      # [B, Hkv, S, hd]
+        out = kv(q, k, v.view(B, S, Hkv, hd).transpose(1, 2), self.history_gate)
+        return self.wo(out.transpose(1, 2).reshape(B, S, D))
 
 
 class LlamaGenDD(HistoryForward, RopeTable, nn.Module):
@@ -65,9 +89,9 @@ class LlamaGenDD(HistoryForward, RopeTable, nn.Module):
         # [1 + block_size, hd/2, 2] fp32 (class row zero); derived, not in the state dict
         self.register_buffer("freqs_cis", self._rope(None), persistent=False)
         self.history = None
-        if self.history_opts:       # DD-H (student_history.py): per-token step embedding, zero at init
+        if self.history_opts:       # DD-H (student_history.py): step embedding and history gates, zero at init
             K, L = self.history_opts["history_steps"], 1 + cfg.block_size
-            self.step_embed = nn.Parameter(torch.zeros(K, L, cfg.dim))
+            self._add_history(L, cfg.dim, [layer.attention for layer in self.layers], GatedAttention, cfg.n_head)
             with torch.device("cpu"):      # masks are CPU constants, also when built on the meta device
                 self.history = HistorySpec(self.history_opts["history"], self.history_opts["lower_layers"], K, L,
                                            torch.ones(L, L, dtype=torch.bool).tril())
@@ -112,7 +136,7 @@ class LlamaGenDD(HistoryForward, RopeTable, nn.Module):
         with dev:
             net = cls(gpt.config, codebook.shape[1], **cls.default_options(**opts))
         for name in ("cls_embedding", "layers", "norm", "output"):
-            getattr(net, name).load_state_dict(getattr(gpt, name).state_dict())
+            load_teacher_part(getattr(net, name), getattr(gpt, name))
         table = gpt.tok_embeddings.weight.float()
         W, b = fit_token_projection(codebook, table)
         net.tok_embeddings.weight.copy_(W)
@@ -166,21 +190,21 @@ class LlamaGenDD(HistoryForward, RopeTable, nn.Module):
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
         """DD-H teacher-forced: xs [B, K, n, C]; labels [B]; is_data [B, K, n] -> (h [B, K, 1 + n, dim],
         class embedding [B, 1, dim]). The lower N layers run the K blocks as one sequence under
-        `history.mask`; each block keeps its own RoPE positions."""
+        `history.mask` through their gates (student_history.HistoryAttention); each block keeps its own
+        RoPE positions."""
         B, K, n, C = xs.shape
         spec = self._spec(K)
         h, cond = self._embed(xs.reshape(B * K, n, C), labels.repeat_interleave(K), is_data.reshape(B * K, n))
         L, D = h.shape[1:]
         h = (h.view(B, K, L, D) + self.step_embed[None, :K, :L])
         rope = self.freqs_cis[:L]
-        if spec.lower:
+        if spec.gated:
             h = h.reshape(B, K * L, D)
-            mask = spec.blocks_mask(K, L).to(h.device)
             rope_k = rope.repeat(K, 1, 1)
-            for layer in self.layers[:spec.lower]:
-                h = layer(h, rope_k, mask)
+            for i, layer in enumerate(self.layers[:spec.gated]):
+                h = layer(h, rope_k, None, self._attention(i, L))
         h = h.reshape(B * K, L, D)
-        for layer in self.layers[spec.lower:]:
+        for layer in self.layers[spec.gated:]:
             h = layer(h, rope)
         return h.view(B, K, L, D), cond[::K]
 
@@ -188,25 +212,14 @@ class LlamaGenDD(HistoryForward, RopeTable, nn.Module):
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """DD-H cached sampling step `cache.step`: x [B, n, C] -> (h [B, 1 + n, dim], class embedding);
         the lower layers attend to the cached earlier blocks and cache this one's keys/values."""
-        spec, k = self._spec(1), cache.check()
+        self._spec(1)
+        k = cache.check()
         h, cond = self._embed(x, labels, is_data)
-        B, L, D = h.shape
+        L = h.shape[1]
         h = h + self.step_embed[k, :L]
         rope = self.freqs_cis[:L]
-        mask = spec.step_mask(k, L).to(h.device)
         for i, layer in enumerate(self.layers):
-            if i >= spec.lower:
-                h = layer(h, rope)
-                continue
-            att = layer.attention
-            pk, pv = cache.past(i)
-            m = 0 if pk is None else pk.shape[2]
-            buf = h.new_empty(B, att.n_kv_head, m + L, att.head_dim)
-            kb, vb = buf, torch.empty_like(buf)
-            if m:
-                kb[:, :, :m], vb[:, :, :m] = pk, pv
-            h = layer(h, rope, mask, (kb, vb, m))
-            cache.store(i, kb[:, :, m:], vb[:, :, m:])
+            h = layer(h, rope, None, self._attention(i, L, cache))
         cache.advance()
         return h, cond
 

@@ -34,12 +34,14 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from teachers.var import (VAR_IGNORE, AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, VARConfig, init_linear_embedding_,
-                          level_ids)
+from teachers.var import (VAR_IGNORE, AdaLNBeforeHead, AdaLNSelfAttn, SelfAttention, SharedAdaLin, VARConfig,
+                          init_linear_embedding_, level_ids)
 
-from .student_history import HistoryCache, HistoryForward, HistorySpec, StepKV, history_options
+from .student_history import (HistoryAttention, HistoryCache, HistoryForward, HistorySpec, history_options,
+                              load_teacher_part)
 from .student_layers import FinalLayer
 
 
@@ -48,6 +50,29 @@ def dd_attn_bias(levels: torch.Tensor) -> torch.Tensor:
     d = levels.view(-1, 1)
     see = (d > d.t()) | torch.eye(len(levels), dtype=torch.bool, device=levels.device)
     return torch.where(see, 0.0, -torch.inf).reshape(1, 1, len(levels), len(levels))
+
+
+class GatedSelfAttention(SelfAttention):
+    """The attention of a DD-H lower block that reads history (student_history.add_history_gate makes
+    a teacher `SelfAttention` one): called with a `HistoryAttention` as `cache`, its q, k, v (as the
+    teacher's) go through the two softmaxes and the gate `history_gate` [H] there (`attn_bias` unused:
+    the HistoryAttention holds the masks); otherwise it is the teacher's attention."""
+
+    history_gate: nn.Parameter
+
+    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
+        """x: [B, S, C] (S = K·L teacher-forced, L a cached step) -> [B, S, C]."""
+        if not isinstance(cache, HistoryAttention):
+            return super().forward(x, attn_bias, cache)
+        B, S, C = x.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, S, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)            # each [B, H, S, hd]
+        if self.attn_l2_norm:
+            q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
+            k = F.normalize(k, dim=-1)
+        out = cache(q, k, v, self.history_gate, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(B, S, C))
 
 
 class VARDD(HistoryForward, nn.Module):
@@ -87,8 +112,8 @@ class VARDD(HistoryForward, nn.Module):
         self.register_buffer("lvl_1L", torch.empty(1, self.L, dtype=torch.long), persistent=False)
         self.register_buffer("attn_bias_for_masking", torch.empty(1, 1, self.L, self.L), persistent=False)
         self.history = None
-        if self.history_opts:       # DD-H (student_history.py): per-token step embedding, zero at init
-            self.step_embed = nn.Parameter(torch.zeros(self.history_opts["history_steps"], self.L, C))
+        if self.history_opts:       # DD-H (student_history.py): step embedding and history gates, zero at init
+            self._add_history(self.L, C, [b.attn for b in self.blocks], GatedSelfAttention, cfg.num_heads)
         self.reset_buffers()
         if not self.pos_1LC.is_meta:
             self.init_weights()
@@ -135,7 +160,7 @@ class VARDD(HistoryForward, nn.Module):
         with var.pos_1LC.device:
             net = cls(var.cfg, **cls.default_options(**opts))
         for name in ("word_embed", "class_emb", "shared_ada_lin", "blocks", "head_nm", "head"):
-            getattr(net, name).load_state_dict(getattr(var, name).state_dict())
+            load_teacher_part(getattr(net, name), getattr(var, name))
         net.pos_start.copy_(var.pos_start)
         for mine, theirs in ((net.lvl_embed.weight[None], var.lvl_embed.weight[None]), (net.pos_1LC, var.pos_1LC)):
             mine[:, 0] = theirs[:, 0]                  # start token
@@ -215,7 +240,8 @@ class VARDD(HistoryForward, nn.Module):
     def hidden_blocks(self, xs: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
         """DD-H teacher-forced: xs [B, K, n, Cvae]; labels [B]; is_data [B, K, n] -> (h [B, K, 1 + n, C],
-        cond [B, C]). The lower N blocks run the K blocks as one sequence under `history.mask`."""
+        cond [B, C]). The lower N blocks run the K blocks as one sequence under `history.mask` through
+        their gates (student_history.HistoryAttention)."""
         B, K, n, Cv = xs.shape
         spec = self._spec(K)
         h, cond, types = self._embed(xs.reshape(B * K, n, Cv), labels.repeat_interleave(K),
@@ -224,14 +250,13 @@ class VARDD(HistoryForward, nn.Module):
         h = h.view(B, K, L, C) + self.step_embed[None, :K]
         cond = cond[::K]                                                  # [B, C]: one label per trajectory
         bc = self.shared_ada_lin(cond)
-        if spec.lower:
-            bias = torch.where(spec.blocks_mask(K).to(h.device), 0.0, -torch.inf)[None, None]
+        if spec.gated:
             h, t_all = h.reshape(B, K * L, C), types.view(B, K * L)
-            for i, b in enumerate(self.blocks[:spec.lower]):
-                h = b(h, bc, attn_bias=bias, add_after_attn=self._n_d(i)[t_all])
+            for i, b in enumerate(self.blocks[:spec.gated]):
+                h = b(h, bc, cache=self._attention(i, L), add_after_attn=self._n_d(i)[t_all])
         h = h.reshape(B * K, L, C)
         bc_k = self.shared_ada_lin(cond.repeat_interleave(K, 0))
-        for i in range(spec.lower, len(self.blocks)):
+        for i in range(spec.gated, len(self.blocks)):
             h = self.blocks[i](h, bc_k, attn_bias=self.attn_bias_for_masking, add_after_attn=self._n_d(i)[types])
         return self._out(h, types).view(B, K, L, C), cond
 
@@ -239,18 +264,15 @@ class VARDD(HistoryForward, nn.Module):
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """DD-H cached sampling step `cache.step`: x [B, n, Cvae] -> (h [B, 1 + n, C], cond [B, C]); the
         lower blocks attend to the cached earlier blocks and cache this one's keys/values."""
-        spec, k = self._spec(1), cache.check()
+        self._spec(1)
+        k = cache.check()
         h, cond, types = self._embed(x, labels, is_data)
         h = h + self.step_embed[k]
         bc = self.shared_ada_lin(cond)
-        step_bias = torch.where(spec.step_mask(k).to(h.device), 0.0, -torch.inf)[None, None]
         for i, b in enumerate(self.blocks):
-            if i >= spec.lower:
-                h = b(h, bc, attn_bias=self.attn_bias_for_masking, add_after_attn=self._n_d(i)[types])
-                continue
-            kv = StepKV(*cache.past(i))
-            h = b(h, bc, attn_bias=step_bias, cache=kv, add_after_attn=self._n_d(i)[types])
-            cache.store(i, kv.k, kv.v)
+            att = self._attention(i, self.L, cache)
+            h = b(h, bc, attn_bias=None if att is not None else self.attn_bias_for_masking, cache=att,
+                  add_after_attn=self._n_d(i)[types])
         cache.advance()
         return self._out(h, types), cond
 
