@@ -142,7 +142,8 @@ def describe_recipe(args) -> str:
         text += f" (= {args.lr_per_256:g} per 256 x batch {args.batch_size})"
     if args.warmup_steps:
         text += f", linear warm-up over {args.warmup_steps} steps"
-    text += ", then cosine to 0 at the last step" if args.lr_schedule == "cosine" else ", then constant"
+    then = ", then" if args.warmup_steps else ","
+    text += f"{then} cosine to 0 at the last step" if args.lr_schedule == "cosine" else f"{then} constant"
     text += f"; weight decay {args.weight_decay:g}; {args.max_steps} steps"
     if args.epochs is not None:
         text += f" (= {args.epochs:g} epochs)"
