@@ -9,7 +9,7 @@ each trained on the family's scaled 2-step schedule with the same steps, batch, 
 perceptual (`--emb-loss perceptual`, perceptual.py). Each is sampled DD-1 and DD-2 twice: at the
 scaled default split (the embedding head makes the AR steps from the split on) and at split = all
 steps (the logits head everywhere, as `dd demo`); plus the teacher reference, floor and onestep*
-rows g needs. Before training, one process times a training step (forward, backward, AdamW) of each
+rows g needs. `--perceptual-lambdas 0.1 ...` adds CE + perceptual students at other `--lambda-emb`. Before training, one process times a training step (forward, backward, AdamW) of each
 loss side by side on the same batch. Writes the family's section of results/loss_variants.md (or
 --results/loss_variants.md); finished data sets, runs and samples in --out are re-used.
 """
@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=SIZE.train_steps)
     ap.add_argument("--time-reps", type=int, default=10, help="timed training steps per loss")
     ap.add_argument("--time-only", action="store_true", help="only time the training steps")
+    ap.add_argument("--perceptual-lambdas", type=float, nargs="*", default=[],
+                    help="more CE + perceptual students, at these --lambda-emb (default 1 only)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -111,8 +113,11 @@ def main() -> None:
     print(timing)
     if args.time_only:
         return
+    students = dict(LOSSES, **{f"perceptual-l{lam:g}": (f"CE + perceptual at lambda_emb {lam:g}",
+                                                        ["--emb-loss", "perceptual", "--lambda-emb", f"{lam:g}"])
+                               for lam in args.perceptual_lambdas})
     train_s, commands = {}, []
-    for key, (_, opts) in LOSSES.items():
+    for key, (_, opts) in students.items():
         run = os.path.join(out, key)
         cmd = train_argv(data, run, size, seed) + ["--timesteps", ts] + opts
         commands.append("dd " + " ".join(cmd))
@@ -120,7 +125,7 @@ def main() -> None:
             run_dd(cmd)
         train_s[key] = train_seconds(run)
     methods = [("floor", "teacher, independent draws (floor)", S, ["--run", os.path.join(out, "mse"), "--baseline", "teacher"])]
-    for key, (label, _) in LOSSES.items():
+    for key, (label, _) in students.items():
         run = os.path.join(out, key)
         for k in (1, 2):
             methods.append((f"{key}-dd{k}", f"{label}, DD-{k}, split {split} (embedding head from step {split})", k,
@@ -135,7 +140,7 @@ def main() -> None:
              f"batch {size.batch_size} for every student, timesteps {ts}, lr {size.lr}, EMA {size.ema_decay}, "
              f"{size.num_samples} samples per method and seed, mean ± sd over {len(seeds)} sampling seeds")
     notes = ["Training seconds (optimizer steps, 1 thread, from each run's metrics.jsonl): "
-             + ", ".join(f"{LOSSES[k][0]} {v:.0f} s" for k, v in train_s.items()) + f"; build-dataset {t_data:.0f} s.",
+             + ", ".join(f"{students[k][0]} {v:.0f} s" for k, v in train_s.items()) + f"; build-dataset {t_data:.0f} s.",
              timing]
     table = quality.format_table(rows, title, notes)
     cmd = "python tools/run_loss_table.py " + " ".join(sys.argv[1:])
