@@ -45,7 +45,8 @@ from .history_mask import MASKS, canonical
 from .run_dir import (CONFIG_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE, claim_run_dir, publish,
                       read_run_config as _read_config, write_run_config as _write_config)
 from .teacher_spec import TeacherSpec
-from .trainer import LoopArgs, loop_options, micro_batch_size, on_ranks, resolve_precision, resume_or_refuse, run_training, update_ema
+from .trainer import (LoopArgs, describe_recipe, loop_options, micro_batch_size, on_ranks, resolve_precision,
+                      resolve_recipe, resume_or_refuse, run_training, update_ema)
 from .trajectories import TrajectoryDataset, teacher_differences
 
 RUN_FORMAT = "ard-student"
@@ -53,8 +54,8 @@ RUN_FORMAT_VERSION = 1
 PAPER_LOWER_LAYERS, PAPER_DEPTH = 6, 28
 
 # Arguments that define the stream of batches and updates: a resume must keep them.
-STREAM_ARGS = ("batch_size", "grad_accum", "seed", "num_steps", "lower_layers", "mask", "lr", "weight_decay",
-               "ema_decay", "grad_clip", "precision")
+STREAM_ARGS = ("batch_size", "grad_accum", "seed", "num_steps", "lower_layers", "mask", "lr", "warmup_steps",
+               "lr_schedule", "weight_decay", "ema_decay", "grad_clip", "precision")
 
 
 def default_lower_layers(depth: int) -> int:
@@ -151,6 +152,7 @@ def _train(args: ARDTrainArgs, rank: int, world: int, device: str, log: Callable
     lower = default_lower_layers(dit.depth) if args.lower_layers is None else args.lower_layers
     config = ARDConfig(dit.to_dict(), data.num_steps, lower, canonical(args.mask or "M4"), data.timesteps)
     args = dataclasses.replace(args, num_steps=config.num_steps, lower_layers=config.lower_layers, mask=config.mask)
+    args = resolve_recipe(args, len(data))              # effective lr and max_steps (--lr-per-256, --epochs)
 
     # -- student, EMA, optimizer --
     student = build_ard_student(teacher.model, config).float().train()
@@ -168,13 +170,14 @@ def _train(args: ARDTrainArgs, rank: int, world: int, device: str, log: Callable
         "teacher": spec.to_dict(),
         "data": {"dir": os.path.abspath(args.data), "manifest_sha256": manifest_sha, "num_samples": len(data),
                  "kept": list(data.kept), "history": data.history, "settings": data.settings},
-        "train": dict(args.to_dict(), precision=precision, world_size=world, micro_batch=micro),
+        "train": dict(args.to_dict(), precision=precision, world_size=world, micro_batch=micro,
+                      recipe=describe_recipe(args)),
     }
     n_params = sum(p.numel() for p in student.parameters()) / 1e6
     log(f"ARD student: {n_params:.2f}M params; S = {config.num_steps}, N = {config.lower_layers} of {dit.depth} "
         f"blocks, mask {config.mask}, time labels {list(config.timesteps)}; {len(data)} trajectories "
         f"(history {data.history}); batch {args.batch_size} = {world} rank(s) x {args.grad_accum} accum x {micro}; "
-        f"precision {precision}")
+        f"precision {precision}; {describe_recipe(args)}")
 
     part_names = tuple(f"step{k}" for k in range(config.num_steps))
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
-import click
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .perceptual import DigitsPerceptualLoss, LPIPSEmbLoss
 from .schedule import make_xt, prefix_mask
 
 
@@ -32,8 +32,8 @@ def dd_loss(student: nn.Module, noise: torch.Tensor, tokens: torch.Tensor, label
     noise: [B, n, C]; tokens: [B, n] int64 (the teacher's flow-map tokens); labels, t: [B].
     X_t = make_xt(codebook[tokens], noise, t); on the noise positions (i >= step_offsets[t − 1]):
     λ_ce·CE(logits, tokens) + λ_emb·d(emb, codebook[tokens]). d = `emb_loss(pred_emb, target_emb,
-    noise_mask) -> [B]` (default `mse_emb_loss`; `LPIPSEmbLoss` below composes the full
-    sequence and compares decoded images). `student` may be DDP-wrapped (it is only called).
+    noise_mask) -> [B]` (default `mse_emb_loss`; perceptual.py's losses compose the full
+    sequence and compare decoded images). `student` may be DDP-wrapped (it is only called).
     Returns (loss scalar, {"ce": [B], "emb": [B]} detached per-sample parts).
     """
     emb_loss = mse_emb_loss if emb_loss is None else emb_loss
@@ -78,34 +78,17 @@ def dd_h_loss(student: nn.Module, noise: torch.Tensor, tokens: torch.Tensor, lab
     return loss, {"ce": ce.detach(), "emb": d.detach()}
 
 
-class LPIPSEmbLoss:
-    """d(pred, target) = LPIPS between the images the teacher's VQ decoder makes of the full sequence
-    (the student's embeddings on the noise positions, the target rows elsewhere) and of the target."""
-
-    def __init__(self, teacher, net: str = "vgg"):
-        try:
-            import lpips  # noqa: PLC0415 - optional dependency
-        except ImportError as e:
-            raise click.ClickException(
-                "--emb-loss lpips needs the `lpips` package, which needs torchvision: "
-                "pip install -e '.[lpips]' (or use --emb-loss mse)") from e
-        self.teacher = teacher
-        self.fn = lpips.LPIPS(net=net, verbose=False).to(teacher.device).eval().requires_grad_(False)
-        self.name = f"lpips ({net}) on images decoded by the teacher's VQ decoder"
-
-    def __call__(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        full = torch.where(mask[..., None], pred, target)                       # [B, n, C]
-        img = self.teacher.decode_differentiable(full)                          # [B, 3, H, W] in [-1, 1]
-        with torch.no_grad():
-            ref = self.teacher.decode_differentiable(target)
-        return self.fn(img, ref).reshape(-1)                                    # [B]
+EMB_LOSSES = ("mse", "perceptual", "lpips")
 
 
 def make_emb_loss(kind: str, teacher, net: str = "vgg"):
-    """-> (callable(pred, target, mask) -> [B], description)."""
+    """-> (callable(pred, target, mask) -> [B], description). perceptual / lpips: perceptual.py."""
     if kind == "mse":
         return mse_emb_loss, "mse in embedding space"
+    if kind == "perceptual":
+        f = DigitsPerceptualLoss(teacher)
+        return f, f.name
     if kind == "lpips":
         f = LPIPSEmbLoss(teacher, net)
         return f, f.name
-    raise ValueError(f"unknown --emb-loss {kind!r} (mse | lpips)")
+    raise ValueError(f"unknown --emb-loss {kind!r} ({' | '.join(EMB_LOSSES)})")

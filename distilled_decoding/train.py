@@ -6,9 +6,10 @@
 One step: each sample of the global batch gets a training timestep t (uniform over `--timesteps`);
 X_t = make_xt(codebook[tokens], noise, t) (the first t − 1 AR steps data, the rest the pair's noise);
 the loss on the noise positions is λ_ce·CE(logits, tokens) + λ_emb·d(emb, codebook[tokens]) with d
-the MSE in embedding space (`--emb-loss mse`) or LPIPS between images decoded by the teacher's VQ
-decoder (`--emb-loss lpips`: the sequence with the student's embeddings on the noise positions vs the
-target sequence). Per-sample means, then the batch mean.
+the MSE in embedding space (`--emb-loss mse`), or a distance between images decoded by the teacher's VQ
+decoder (the sequence with the student's embeddings on the noise positions vs the target sequence;
+perceptual.py): digits-classifier features, LPIPS-style (`--emb-loss perceptual`, the digits teachers)
+or LPIPS (`--emb-loss lpips`). Per-sample means, then the batch mean.
 
 The loop itself (micro-batching, DDP, EMA, checkpoints, resume, metrics) is `trainer.train_loop`;
 this file brings the DD student, the pair data set and `dd_loss`. Determinism: the data order is the
@@ -39,7 +40,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .dataset import PairDataset
-from .dd_loss import dd_h_loss, dd_loss, make_emb_loss
+from .dd_loss import EMB_LOSSES, dd_h_loss, dd_loss, make_emb_loss
 from .distributed import barrier
 from .fileio import file_sha256, save_state_dict
 from .errors import DDError
@@ -48,11 +49,13 @@ from .run_dir import claim_run_dir, publish
 from .seeding import sample_timestep
 from .student import DDStudent, build_student
 from .student_run import CODEBOOK_FILE, CONFIG_FILE, read_run_config, write_run_config
-from .trainer import LoopArgs, loop_options, micro_batch_size, on_ranks, resolve_precision, resume_or_refuse, run_training, update_ema
+from .trainer import (LoopArgs, describe_recipe, loop_options, micro_batch_size, on_ranks, resolve_precision,
+                      resolve_recipe, resume_or_refuse, run_training, update_ema)
 
 # Arguments that define the stream of batches, timesteps and updates: a resume must keep them.
 STREAM_ARGS = ("batch_size", "grad_accum", "seed", "timesteps", "split", "lambda_ce", "lambda_emb", "emb_loss",
-               "lpips_net", "lr", "weight_decay", "ema_decay", "grad_clip", "precision", "history", "lower_layers")
+               "lpips_net", "lr", "warmup_steps", "lr_schedule", "weight_decay", "ema_decay", "grad_clip", "precision",
+               "history", "lower_layers")
 
 
 @dataclass
@@ -127,6 +130,8 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
     if (pairs.num_tokens, pairs.embed_dim) != (teacher.num_tokens, teacher.embed_dim):
         raise ValueError(f"data set pairs are [{pairs.num_tokens}, {pairs.embed_dim}], the teacher makes "
                          f"[{teacher.num_tokens}, {teacher.embed_dim}]")
+    args = resolve_recipe(args, len(pairs))             # effective lr and max_steps (--lr-per-256, --epochs)
+    emb_loss, emb_desc = make_emb_loss(args.emb_loss, teacher, args.lpips_net)    # refuses before any work
 
     # -- student, EMA, optimizer --
     if args.resume and os.path.exists(os.path.join(out, CONFIG_FILE)):
@@ -156,21 +161,21 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
 
     if getattr(student.backbone, "init_notes", None) and not args.resume:
         log(f"init: {student.backbone.init_notes}")
-    emb_loss, emb_desc = make_emb_loss(args.emb_loss, teacher, args.lpips_net)
-    del teacher                     # only the LPIPS loss keeps it (for its VQ decoder)
+    del teacher                     # only the image losses keep it (for its VQ decoder)
     run_info = {
         "teacher": spec.to_dict(), "split": cfg.split, "timesteps": list(cfg.timesteps),
         "data": {"dir": os.path.abspath(args.data), "manifest_sha256": manifest_sha,
                  "num_samples": len(pairs), "settings": pairs.settings},
         "train": dict(args.to_dict(), timesteps=list(cfg.timesteps), split=cfg.split, precision=precision,
                       lower_layers=cfg.options.get("lower_layers"),
-                      world_size=world, micro_batch=micro, emb_loss_desc=emb_desc),
+                      world_size=world, micro_batch=micro, emb_loss_desc=emb_desc, recipe=describe_recipe(args)),
     }
     log(f"student: {cfg.family}, {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params; "
         f"timesteps {cfg.timesteps}, split {cfg.split}; "
         + (f"DD-H history {args.history}, lower layers {cfg.options['lower_layers']}; " if args.history else "")
         + f"{len(pairs)} pairs; batch {args.batch_size} "
-        f"= {world} rank(s) x {args.grad_accum} accum x {micro}; precision {precision}; embedding loss: {emb_desc}")
+        f"= {world} rank(s) x {args.grad_accum} accum x {micro}; precision {precision}; embedding loss: {emb_desc}; "
+        f"{describe_recipe(args)}")
 
     codebook = student.codebook
     offsets = student.step_offsets
@@ -239,8 +244,9 @@ def _parse_timesteps(ctx, param, value):
               help="DD-H: how many lower layers attend to the history. Default: all layers.")
 @click.option("--lambda-ce", default=0.1, show_default=True, type=float, help="Weight of the cross-entropy loss.")
 @click.option("--lambda-emb", default=1.0, show_default=True, type=float, help="Weight of the embedding loss.")
-@click.option("--emb-loss", type=click.Choice(["mse", "lpips"]), default="mse", show_default=True,
-              help="mse: in embedding space; lpips: on images decoded by the teacher's VQ decoder (needs lpips).")
+@click.option("--emb-loss", type=click.Choice(list(EMB_LOSSES)), default="mse", show_default=True,
+              help="mse: in embedding space; on images decoded by the teacher's VQ decoder: perceptual "
+                   "(digits-classifier features, LPIPS-style; 16x16 digits teachers only) or lpips (needs lpips).")
 @click.option("--lpips-net", type=click.Choice(["vgg", "alex", "squeeze"]), default="vgg", show_default=True)
 @click.option("--checkpoint", "teacher_checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Teacher transformer checkpoint, if not where the data set's manifest says.")

@@ -10,12 +10,18 @@ Determinism. The data order is `DistributedSampler(shuffle, seed, drop_last)` pe
 accumulation, so runs on 1 and K ranks see the same batches; and a resume restarts the stream at the
 exact micro-batch, so the next losses are the ones an uninterrupted run would have logged. A resume
 with settings that change that stream is refused (`resume_or_refuse`).
+
+Learning rate. `lr_at` is a pure function of the step: a linear warm-up over `warmup_steps`
+updates, then constant or a cosine decay to 0 at `max_steps`; the loop sets it before every update,
+so a resumed run applies exactly the rates of an uninterrupted one. `resolve_recipe` turns the
+paper-style options into the loop's: `lr_per_256` (lr = X·batch/256) and `epochs` (max_steps).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import inspect
+import math
 import os
 import sys
 import time
@@ -52,17 +58,24 @@ class LoopConfig:
     seed: int
     precision: str
     progress: bool = True
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
 
 
 @dataclass(kw_only=True)
 class LoopArgs:
     """The options of `loop_options`, the base of every training verb's arguments (keyword-only, so a
     method's own fields come first). precision None = bf16 on CUDA with bf16 support, else fp32;
-    device None = cuda when available; overwrite: replace an existing run in --out."""
+    device None = cuda when available; overwrite: replace an existing run in --out. lr_per_256 /
+    epochs, when set, replace lr / max_steps (`resolve_recipe`)."""
 
     batch_size: int = 64
     grad_accum: int = 1
     lr: float = 1e-4
+    lr_per_256: Optional[float] = None
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    epochs: Optional[float] = None
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
     grad_clip: float = 1.0
@@ -80,6 +93,61 @@ class LoopArgs:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+# Settings added to the stream after runs were made: a checkpoint that lacks them ran with these.
+STREAM_DEFAULTS = {"warmup_steps": 0, "lr_schedule": "constant"}
+
+
+def lr_at(step: int, lr: float, warmup_steps: int = 0, schedule: str = "constant",
+          max_steps: Optional[int] = None) -> float:
+    """The learning rate of update `step` (0-based: the update that makes step + 1): lr·(step + 1)/W
+    for the first W = warmup_steps updates, then lr ("constant") or lr·½(1 + cos(π·(step − W)/(max_steps − W)))
+    ("cosine": lr at the end of the warm-up, → 0 at max_steps)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        span = max(1, max_steps - warmup_steps)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
+    raise ValueError(f"unknown lr schedule {schedule!r} ({' | '.join(LR_SCHEDULES)})")
+
+
+def resolve_recipe(args, num_items: int):
+    """`args` (a LoopArgs) with the effective lr and max_steps: lr_per_256 X sets lr = X·batch_size/256
+    (the VAR recipe: 1e-4 per 256); epochs E sets max_steps = round(E·⌊num_items / batch_size⌋), at
+    least 1 (an epoch is the loop's: the last partial batch is dropped)."""
+    if args.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {args.lr_schedule!r} ({' | '.join(LR_SCHEDULES)})")
+    if args.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps {args.warmup_steps}: must be >= 0")
+    changes = {}
+    if args.lr_per_256 is not None:
+        changes["lr"] = args.lr_per_256 * args.batch_size / 256
+    if args.epochs is not None:
+        per_epoch = num_items // args.batch_size
+        if per_epoch < 1 or args.epochs <= 0:
+            raise ValueError(f"--epochs {args.epochs}: {num_items} items make {per_epoch} batches of "
+                             f"{args.batch_size} per epoch")
+        changes["max_steps"] = max(1, round(args.epochs * per_epoch))
+    return dataclasses.replace(args, **changes)
+
+
+def describe_recipe(args) -> str:
+    """One log phrase for the optimizer recipe of resolved `args`."""
+    text = f"lr {args.lr:g}"
+    if args.lr_per_256 is not None:
+        text += f" (= {args.lr_per_256:g} per 256 x batch {args.batch_size})"
+    if args.warmup_steps:
+        text += f", linear warm-up over {args.warmup_steps} steps"
+    then = ", then" if args.warmup_steps else ","
+    text += f"{then} cosine to 0 at the last step" if args.lr_schedule == "cosine" else f"{then} constant"
+    text += f"; weight decay {args.weight_decay:g}; {args.max_steps} steps"
+    if args.epochs is not None:
+        text += f" (= {args.epochs:g} epochs)"
+    return text
 
 
 def micro_batch_size(batch_size: int, world: int, grad_accum: int) -> int:
@@ -155,8 +223,12 @@ def resume_or_refuse(out: str, resume: bool, modules: Dict[str, torch.nn.Module]
     for stem, module in modules.items():
         module.load_state_dict(weights[stem], strict=True)
     opt.load_state_dict(opt_state)
+    if settings.get("lr_schedule", "constant") != "constant":
+        stream_keys = (*stream_keys, "max_steps")       # the decay is stretched over the run's length
     stream = dict({k: settings[k] for k in stream_keys}, **{DATA_KEY: manifest_sha})
-    old = dict({k: state.get("train", {}).get(k) for k in stream_keys}, **{DATA_KEY: state.get("data_manifest_sha256")})
+    train = state.get("train", {})
+    old = dict({k: train.get(k, STREAM_DEFAULTS.get(k)) for k in stream_keys},
+               **{DATA_KEY: state.get("data_manifest_sha256")})
     diffs = [(k, old.get(k), v) for k, v in stream.items() if old.get(k) != v]
     if diffs:
         raise ValueError("--resume with other settings than the run's: "
@@ -258,6 +330,9 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if not (bool(torch.isfinite(step_sums).all()) and bool(torch.isfinite(grad_norm))):
                 raise _diverged(out, step + 1, ["loss", *part_names], step_sums, grad_norm)
+            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
             opt.step()
             opt.zero_grad(set_to_none=True)
             update_ema(ema, model, cfg.ema_decay)
@@ -271,7 +346,7 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
                 now = time.perf_counter()
                 avg = (sums / n_log).tolist()
                 last = {"step": step, "loss": avg[0], **dict(zip(part_names, avg[1:])),
-                        "grad_norm": float(grad_norm), "lr": cfg.lr,
+                        "grad_norm": float(grad_norm), "lr": lr,
                         "it_per_s": n_log / max(now - t_log, 1e-9),
                         "samples_per_s": n_log * cfg.batch_size / max(now - t_log, 1e-9)}
                 if rank == 0:
@@ -332,18 +407,33 @@ def on_ranks(body: Callable[..., dict], args, log: Callable[[str], None]) -> dic
 def loop_options(max_steps: int) -> Callable:
     """The click options of the loop's settings, shared by every training verb (the paper's defaults;
     `max_steps` the method's): batch size ... device, --resume/--overwrite, --no-progress. The command
-    receives them as keyword arguments named like LoopConfig's fields (no_progress for progress)."""
+    receives them as keyword arguments named like LoopArgs' fields (no_progress for progress); --lr and
+    --max-steps only when given (else the dataclass defaults apply), and --lr-per-256 / --epochs
+    exclude them."""
+    import functools
+
     import click
     from .distributed import device_option_check
     options = [
         click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Global batch size."),
         click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1),
                      help="Gradient accumulation steps."),
-        click.option("--lr", default=1e-4, show_default=True, type=float),
-        click.option("--weight-decay", default=0.0, show_default=True, type=float),
+        click.option("--lr", default=None, type=float, help="Peak learning rate.  [default: 1e-4]"),
+        click.option("--lr-per-256", default=None, type=click.FloatRange(min=0.0, min_open=True),
+                     help="Learning rate per 256 samples of batch: lr = X * batch / 256 (the VAR recipe: 1e-4). "
+                          "Instead of --lr."),
+        click.option("--warmup-steps", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Linear warm-up: update k (0-based) of the first W uses lr * (k + 1) / W."),
+        click.option("--lr-schedule", type=click.Choice(list(LR_SCHEDULES)), default="constant", show_default=True,
+                     help="After the warm-up: constant, or a cosine decay to 0 at the last step."),
+        click.option("--weight-decay", default=0.0, show_default=True, type=float, help="AdamW weight decay."),
         click.option("--ema-decay", default=0.9999, show_default=True, type=click.FloatRange(0.0, 1.0)),
         click.option("--grad-clip", default=1.0, show_default=True, type=float),
-        click.option("--max-steps", default=max_steps, show_default=True, type=click.IntRange(min=1)),
+        click.option("--max-steps", default=None, type=click.IntRange(min=1),
+                     help=f"Optimizer steps.  [default: {max_steps}]"),
+        click.option("--epochs", default=None, type=click.FloatRange(min=0.0, min_open=True),
+                     help="Training length in passes over the data set: round(E * floor(N / batch)) steps. "
+                          "Instead of --max-steps."),
         click.option("--ckpt-every", default=1000, show_default=True, type=click.IntRange(min=1)),
         click.option("--keep-checkpoints", default=2, show_default=True, type=click.IntRange(min=1)),
         click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1)),
@@ -360,7 +450,16 @@ def loop_options(max_steps: int) -> Callable:
     ]
 
     def decorate(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def command(**kw):
+            for a, b in (("lr", "lr_per_256"), ("max_steps", "epochs")):
+                if kw.get(a) is not None and kw.get(b) is not None:
+                    raise click.UsageError(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} exclude each other")
+                if kw.get(a) is None:
+                    kw.pop(a, None)
+            return f(**kw)
+
         for option in reversed(options):
-            f = option(f)
-        return f
+            command = option(command)
+        return command
     return decorate

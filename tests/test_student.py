@@ -354,6 +354,27 @@ def test_resume_gives_identical_next_losses(tiny, tmp_path, family):
     assert ckpts == ["step-00000018", "step-00000020"]               # --keep-checkpoints 2
 
 
+def test_resume_with_warmup_and_cosine_gives_identical_next_losses(tiny, tmp_path):
+    """The lr is a function of the step (trainer.lr_at): a run stopped inside its warm-up and resumed
+    applies the uninterrupted run's rates and logs its losses; a changed warm-up or length is refused."""
+    from distilled_decoding.trainer import lr_at
+    _, _, data = tiny["llamagen"]
+    kw = dict(warmup_steps=8, lr_schedule="cosine", lr_per_256=0.064)     # lr = 0.064 * 8 / 256 = 2e-3
+    train(args_for(data, tmp_path / "a", max_steps=14, ckpt_every=100, **kw), log=lambda s: None)
+    train(args_for(data, tmp_path / "b", max_steps=14, ckpt_every=5, **kw), log=lambda s: None)
+    (tmp_path / "b" / "checkpoints" / "step-00000014").rename(tmp_path / "b-last")   # stop it at step 10
+    for bad in (dict(kw, warmup_steps=4), dict(kw, max_steps=20)):
+        with pytest.raises(ValueError, match="warmup_steps|max_steps"):
+            train(args_for(data, tmp_path / "b", **dict(dict(max_steps=14), **bad), resume=True), log=lambda s: None)
+    train(args_for(data, tmp_path / "b", max_steps=14, ckpt_every=5, resume=True, **kw), log=lambda s: None)
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [m["step"] for m in b] == list(range(1, 15))
+    assert [m["lr"] for m in a] == [lr_at(s, 2e-3, 8, "cosine", 14) for s in range(14)]
+    for ma, mb in zip(a, b):
+        assert (ma["loss"], ma["grad_norm"], ma["lr"]) == (mb["loss"], mb["grad_norm"], mb["lr"]), (ma, mb)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["lr"] == pytest.approx(2e-3)
+
+
 def test_gradient_accumulation_matches_the_full_batch(tiny, tmp_path):
     _, _, data = tiny["var"]
     train(args_for(data, tmp_path / "a", max_steps=3), log=lambda s: None)

@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import time
+from typing import List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -46,6 +47,45 @@ def train_seconds(run: str) -> float:
     return total
 
 
+def train_argv(data: str, run: str, size: DemoSize, seed: int, steps: Optional[int] = None) -> List[str]:
+    """The `dd train` arguments every student of these tables shares (size's budget, CPU, 1 process);
+    the caller adds its timesteps, split and loss options."""
+    steps = size.train_steps if steps is None else steps
+    return ["train", "--data", data, "--out", run, "--max-steps", str(steps), "--batch-size", str(size.batch_size),
+            "--lr", str(size.lr), "--ema-decay", str(size.ema_decay), "--ckpt-every", str(steps), "--log-every",
+            "100", "--num-workers", "0", "--seed", str(seed), "--device", "cpu", "--no-progress"]
+
+
+def sample_and_evaluate(methods: Sequence[tuple], reference: List[str], samples: str, size: DemoSize, seed: int,
+                        S: int) -> Tuple[list, list]:
+    """Sample every method [(key, label, steps, `dd sample` source args)] at the sampling seeds and the
+    teacher (`reference`: its source args) at the reference seed, as `dd demo` (re-using finished
+    samples under `samples`), and score them (quality.py) -> (rows, sampling seeds)."""
+    from teachers.zoo import digits_data
+    from distilled_decoding import quality
+    from distilled_decoding.extractors import DigitsExtractor
+
+    ref_seed, seeds = reference_seed(seed), sample_seeds(seed, size.num_seeds)
+    plan = [("teacher", ref_seed, reference)] + [(key, s, extra) for s in seeds for key, _, _, extra in methods]
+    files, spi, used = {}, {}, {}
+    for key, s, extra in plan:
+        d = os.path.join(samples, f"{key}-seed{s}")
+        if not os.path.exists(os.path.join(d, "samples.npz")):
+            run_dd(["sample", "--out", d] + extra + ["--num-samples", str(size.num_samples), "--batch-size",
+                    str(size.sample_batch), "--seed", str(s), "--labels", "balanced", "--device", "cpu", "--warmup",
+                    "--no-progress"])
+        files.setdefault(key, []).append(os.path.join(d, "samples.npz"))
+        spi.setdefault(key, []).append(_timing(d)["seconds_per_image"])
+        used.setdefault(key, []).append(s)
+    extractor = DigitsExtractor("cpu")
+    real, _ = digits_data("test")
+    real_f = extractor.features(real.to(extractor.device)).cpu().numpy()
+    rows = quality.evaluate_rows([("teacher", f"teacher ({S}-step AR), reference draw", S)]
+                                 + [(key, label, steps) for key, label, steps, _ in methods],
+                                 files, used, real_f, extractor, spi)
+    return rows, seeds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="llamagen", choices=sorted(SCHEDULES))
@@ -61,9 +101,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from teachers import load_teacher
-    from teachers.zoo import digits_data
     from distilled_decoding import quality
-    from distilled_decoding.extractors import DigitsExtractor
 
     size = dataclasses.replace(SIZE, train_steps=args.train_steps)
     fam, out, seed = args.family, os.path.join(args.out, args.family), args.seed
@@ -91,43 +129,20 @@ def main() -> None:
     train_s, commands = {}, []
     for key, _, k, extra in students:
         run = os.path.join(out, key)
-        cmd = ["train", "--data", data, "--out", run, "--timesteps", SCHEDULES[fam][k], "--max-steps",
-               str(size.train_steps), "--batch-size", str(size.batch_size), "--lr", str(size.lr), "--ema-decay",
-               str(size.ema_decay), "--ckpt-every", str(size.train_steps), "--log-every", "100", "--num-workers",
-               "0", "--seed", str(seed), "--device", "cpu", "--split", str(S), "--no-progress"] + extra
-        if "--max-steps" in extra:     # the equal-compute row: its own step count (and checkpoint at the end)
-            i = cmd.index("--max-steps")
-            cmd[i + 1] = extra[extra.index("--max-steps") + 1]
-            cmd[cmd.index("--ckpt-every") + 1] = cmd[i + 1]
-            cmd = cmd[:len(cmd) - len(extra)]
+        # the equal-compute row: its own step count (and checkpoint at the end)
+        steps = int(extra[extra.index("--max-steps") + 1]) if "--max-steps" in extra else None
+        cmd = (train_argv(data, run, size, seed, steps) + ["--timesteps", SCHEDULES[fam][k], "--split", str(S)]
+               + ([] if steps else extra))
         commands.append("dd " + " ".join(cmd))
         if not os.path.exists(os.path.join(run, "config.json")):
             run_dd(cmd)
         train_s[key] = train_seconds(run)
-    ref_seed, seeds = reference_seed(seed), sample_seeds(seed, size.num_seeds)
-    smp = os.path.join(out, "samples")
     methods = [("floor", "teacher, independent draws (floor)", S, ["--run", os.path.join(out, "dd1"), "--baseline", "teacher"])]
     methods += [(key, f"{label} (t = {SCHEDULES[fam][k]})", k, ["--run", os.path.join(out, key)])
                 for key, label, k, _ in students]
     methods += [("onestep", "onestep* (token marginals)", 1, ["--data", data, "--baseline", "onestep"])]
-    plan = [("teacher", ref_seed, ["--run", os.path.join(out, "dd1"), "--baseline", "teacher"])]
-    plan += [(key, s, extra) for s in seeds for key, _, _, extra in methods]
-    files, spi, used = {}, {}, {}
-    for key, s, extra in plan:
-        d = os.path.join(smp, f"{key}-seed{s}")
-        if not os.path.exists(os.path.join(d, "samples.npz")):
-            run_dd(["sample", "--out", d] + extra + ["--num-samples", str(size.num_samples), "--batch-size",
-                    str(size.sample_batch), "--seed", str(s), "--labels", "balanced", "--device", "cpu", "--warmup",
-                    "--no-progress"])
-        files.setdefault(key, []).append(os.path.join(d, "samples.npz"))
-        spi.setdefault(key, []).append(_timing(d)["seconds_per_image"])
-        used.setdefault(key, []).append(s)
-    extractor = DigitsExtractor("cpu")
-    real, _ = digits_data("test")
-    real_f = extractor.features(real.to(extractor.device)).cpu().numpy()
-    rows = quality.evaluate_rows([("teacher", f"teacher ({S}-step AR), reference draw", S)]
-                                 + [(key, label, steps) for key, label, steps, _ in methods],
-                                 files, used, real_f, extractor, spi)
+    rows, seeds = sample_and_evaluate(methods, ["--run", os.path.join(out, "dd1"), "--baseline", "teacher"],
+                                      os.path.join(out, "samples"), size, seed, S)
     title = (f"{name}: {size.num_pairs} pairs (one data set for every row), {size.train_steps} training steps of "
              f"batch {size.batch_size} for every student, lr {size.lr}, EMA {size.ema_decay}, {size.num_samples} "
              f"samples per method and seed, mean ± sd over {len(seeds)} sampling seeds")

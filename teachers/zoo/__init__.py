@@ -14,6 +14,7 @@ a small CNN classifier that scores their samples (FID features and class accurac
     from teachers.zoo import digits_data, load_classifier
     x, y = digits_data("test")                     # the held-out split the teachers never saw
     clf = load_classifier()                        # clf(x) -> logits [N, 10]; clf.features(x) -> [N, 128]
+    maps = clf.feature_maps(x)                     # [[N, 32, 16, 16], [N, 64, 8, 8]] (perceptual loss)
 
 ZOO maps a name to (family, file stem); the weights and config of `<stem>` live beside this file as
 `<stem>.safetensors` (one file: the transformer under "gpt." / "var.", the tokenizer under "vq." /
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -96,14 +97,20 @@ class DigitsClassifier(nn.Module):
         self.fc = nn.Linear(16 * c2, feature_dim)
         self.head = nn.Linear(feature_dim, num_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, 3, 16, 16] in [0, 1] -> [N, feature_dim] fp32."""
+    def feature_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """x [N, 3, 16, 16] in [0, 1] -> the maps after the ReLUs that end the two conv blocks
+        (conv2: [N, c1, 16, 16], conv4: [N, c2, 8, 8]), fp32; differentiable in x (the perceptual
+        embedding loss of `dd train` compares them, LPIPS-style)."""
         x = x.float()
         if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
             raise ValueError(f"the digits classifier takes {IMAGE_SIZE}x{IMAGE_SIZE} images, got {tuple(x.shape)}")
-        h = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
-        h = F.max_pool2d(F.relu(self.conv4(F.relu(self.conv3(h)))), 2)
-        return self.fc(h.flatten(1))
+        h2 = F.relu(self.conv2(F.relu(self.conv1(x))))
+        h4 = F.relu(self.conv4(F.relu(self.conv3(F.max_pool2d(h2, 2)))))
+        return [h2, h4]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, 3, 16, 16] in [0, 1] -> [N, feature_dim] fp32."""
+        return self.fc(F.max_pool2d(self.feature_maps(x)[1], 2).flatten(1))
 
     def features_and_logits(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         f = self.features(x)
