@@ -48,22 +48,69 @@ class SamplingConfig:
                 "top_k": self.top_k, "top_p": self.top_p}
 
 
+@dataclass(frozen=True)
+class Caption:
+    """A text condition: caption features [B, L, D] (e.g. FLAN-T5-XL last hidden states, D = 2048) and
+    mask [B, L] bool (True = a real token; any 0/1 dtype is accepted and turned into bool).
+
+    A text-conditional teacher takes a Caption wherever this interface says `labels`; features and
+    mask are used in the positions given (LlamaGen's official sampler left-pads them first:
+    `teachers.llamagen.left_pad`). Indexing selects along the batch: `cap[2:5]`, `cap[idx]`.
+    """
+
+    features: torch.Tensor
+    mask: torch.Tensor
+
+    def __post_init__(self):
+        f, m = self.features, self.mask
+        if f.dim() != 3:
+            raise ValueError(f"caption features must be [B, L, D], got shape {tuple(f.shape)}")
+        if tuple(m.shape) != tuple(f.shape[:2]):
+            raise ValueError(f"caption mask {tuple(m.shape)} does not match the features "
+                             f"{tuple(f.shape)}: expected [B, L] = {tuple(f.shape[:2])}")
+        if m.dtype != torch.bool:
+            object.__setattr__(self, "mask", m != 0)
+
+    @property
+    def batch_size(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def __getitem__(self, idx) -> "Caption":
+        return Caption(self.features[idx], self.mask[idx])
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "Caption":
+        """Move both tensors to `device`; `dtype` casts the features only."""
+        return Caption(self.features.to(device=device, dtype=dtype), self.mask.to(device))
+
+
+def condition_batch_size(cond) -> int:
+    """B of a condition: class labels [B] or a Caption."""
+    return cond.batch_size if isinstance(cond, Caption) else cond.shape[0]
+
+
 @dataclass
 class DecodeState:
     """Where a KV-cached generation stands. Families subclass it to hold their caches.
 
-    labels: [B] int64 class labels; step: index of the next AR step to run;
-    tokens: list of [B, k_s] int64 tensors already fed (one per finished step).
+    labels: the condition, [B] int64 class labels or a `Caption`; step: index of the next AR step to
+    run; tokens: list of [B, k_s] int64 tensors already fed (one per finished step).
     """
 
-    labels: torch.Tensor
+    labels: object
     sampling: SamplingConfig
     step: int = 0
     tokens: list = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
-        return self.labels.shape[0]
+        return condition_batch_size(self.labels)
 
 
 class Teacher(nn.Module):
@@ -81,6 +128,8 @@ class Teacher(nn.Module):
     step_sizes: tuple = ()
     num_classes: int = 0
     image_size: int = 0
+    # Capability: the condition is a `Caption` (text features + mask), not class labels.
+    text_conditional: bool = False
     # Capability: `decode` also accepts the tokens of the first k whole AR steps only (and decodes
     # that coarser partial image); downstream code asks this, never the family name.
     decodes_prefix: bool = False
@@ -126,7 +175,8 @@ class Teacher(nn.Module):
     # ---- KV-cached stepping ----------------------------------------------------------------------
     def start(self, labels: torch.Tensor, sampling: SamplingConfig,
               prefix: Optional[torch.Tensor] = None) -> DecodeState:
-        """Allocate caches and prefill the class token(s) for labels [B].
+        """Allocate caches and prefill the condition: class labels [B], or a `Caption` for a
+        text-conditional teacher (`text_conditional` True).
 
         prefix: optional [B, m] int64 tokens already decided, m a step boundary (one of
         `step_offsets`); they are prefilled with the teacher's own causal/block-causal mask and the
@@ -145,7 +195,7 @@ class Teacher(nn.Module):
 
     # ---- full-sequence views ---------------------------------------------------------------------
     def logits(self, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced forward: labels [B], tokens [B, n] -> logits [B, n, V] fp32.
+        """Teacher-forced forward: labels [B] (or a Caption), tokens [B, n] -> logits [B, n, V] fp32.
 
         Row i is the conditional (no CFG, no label dropout) logit vector of token i given all
         tokens before it in the teacher's own ordering/mask, as the official training forward.
@@ -192,7 +242,7 @@ class Teacher(nn.Module):
             if progress is not None:
                 progress(s)
         if not out:
-            return torch.zeros(labels.shape[0], 0, dtype=torch.long, device=labels.device)
+            return torch.zeros(condition_batch_size(labels), 0, dtype=torch.long, device=labels.device)
         return torch.cat(out, dim=1)
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""LlamaGen class-conditional teacher: the GPT of `autoregressive/models/gpt.py` + the VQ-16 tokenizer.
+"""LlamaGen teacher: the GPT of `autoregressive/models/gpt.py` (class- or text-conditional) + the VQ-16
+tokenizer.
 
 Faithful to FoundationVision/LlamaGen: state-dict keys and shapes are the official ones (the released
 `c2i_*.pt` files load strictly), and the numerics follow it op for op: RMSNorm computed in fp32 then
@@ -8,16 +9,26 @@ default 1/√head_dim scale; `output` cast to float. Sampling follows `autoregre
 CFG `u + (c − u)·s` at every token when s > 1 (the batch is doubled with the null class
 `num_classes`), `logits / max(T, 1e-5)`, Hugging-Face top-k then top-p, softmax.
 
+Text-to-image (`model_type="t2i"`, the released `t2i_XL_stage1_256.pt`): the condition is a
+`teachers.base.Caption` of FLAN-T5-XL features [B, 120, 2048] and a mask. `cls_embedding` is then the
+official CaptionEmbedder: `cap_proj` (fc1 caption_dim -> dim, tanh-GELU, fc2 dim -> dim, no biases) and
+the learned null caption `uncond_embedding` [120, caption_dim] (a persistent buffer), so the 120 caption
+positions come first and their RoPE rows are zero, like the class token's. Sampling follows
+`generate.py` + `sample_t2i.py`: features multiplied by the mask; with CFG the batch is doubled with the
+null caption under the SAME mask; attention is causal, with the padded caption positions blocked as keys
+and the diagonal always open (`condition_attention_mask`). See docs/teachers.md for the line references.
+
 The transformer pieces (`GPT.layers`, `norm`, `output`, `cls_embedding`, `freqs_cis`) are reusable by the
 DD student: `GPT.forward_hidden(h, rope=..., mask=None)` runs the blocks on already-embedded inputs
 [B, S, dim] with a causal mask, and `GPT.head(h)` is `output(norm(h)).float()`.
 
-Not re-implemented: dropout / drop-path (identity at inference), the text-conditional `t2i` model, the
+Not re-implemented: dropout / drop-path / caption dropout (identity at inference), `cfg_interval`, the
 official padded KV-cache layout (ours is an equivalent one; logits agree to fp32 round-off).
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional, Union
 
@@ -25,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import DecodeState, SamplingConfig, Teacher
-from .checkpoint import load_strict, source_id
+from .base import Caption, DecodeState, SamplingConfig, Teacher
+from .checkpoint import CheckpointMismatchError, load_strict, read_state_dict, source_id
 from .llamagen_vq import VQConfig, VQModel, as_vq_config
 
 
@@ -39,8 +50,11 @@ class GPTConfig:
     """GPT hyper-parameters under the official `ModelArgs` names (defaults: GPT-B at 256 px).
 
     The dropout / drop-path / initializer fields are accepted so official argument dicts load; they
-    do nothing here (inference re-implementation). `max_batch_size`, `max_seq_len` and
-    `caption_dim` are likewise unused.
+    do nothing here (inference re-implementation); `max_batch_size` and `max_seq_len` are likewise
+    unused. `caption_dim` matters only for `model_type="t2i"`, `num_classes` only for "c2i".
+    `cls_token_num` is 1 for c2i; for t2i it is the number of caption positions (the official scripts
+    pass 120, and `from_dict` / `preset` default it to 120 for t2i), and our null caption has that many
+    rows (the official CaptionEmbedder hard-codes 120, the only value its sampler runs with).
     """
 
     dim: int = 768
@@ -68,12 +82,13 @@ class GPTConfig:
     max_seq_len: int = 2048
 
     def __post_init__(self):
-        if self.model_type != "c2i":
-            raise ValueError(f"only class-conditional LlamaGen (model_type='c2i') is supported, "
-                             f"got {self.model_type!r}")
-        if self.cls_token_num != 1:
+        if self.model_type not in ("c2i", "t2i"):
+            raise ValueError(f"LlamaGen model_type must be 'c2i' or 't2i', got {self.model_type!r}")
+        if self.model_type == "c2i" and self.cls_token_num != 1:
             # the c2i label embedder yields one vector; more class slots would shift every position
             raise ValueError(f"c2i LlamaGen uses cls_token_num=1, got {self.cls_token_num}")
+        if self.cls_token_num < 1:
+            raise ValueError(f"cls_token_num must be >= 1, got {self.cls_token_num}")
         if self.dim % self.n_head:
             raise ValueError(f"dim {self.dim} not divisible by n_head {self.n_head}")
         if self.n_head % self.kv_heads:
@@ -108,8 +123,11 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
         """Official field names; an optional "preset" key ("GPT-L") gives the base, and an optional
-        "image_size" (with "downsample_size", default 16) sets block_size."""
+        "image_size" (with "downsample_size", default 16) sets block_size. model_type "t2i" without
+        cls_token_num gets 120 (what every official t2i script passes)."""
         d = dict(d)
+        if d.get("model_type") == "t2i" and "cls_token_num" not in d:
+            d["cls_token_num"] = T2I_TOKENS
         base = dict(PRESETS[d.pop("preset")]) if "preset" in d else {}
         image_size = d.pop("image_size", None)
         ds = d.pop("downsample_size", 16)
@@ -122,11 +140,19 @@ class GPTConfig:
         return cls(**{**base, **d})
 
     @classmethod
-    def preset(cls, name: str, image_size: int = 256, downsample_size: int = 16) -> "GPTConfig":
+    def preset(cls, name: str, image_size: int = 256, downsample_size: int = 16,
+               model_type: str = "c2i") -> "GPTConfig":
+        """A named size; model_type "t2i" gives the text-conditional layout with 120 caption tokens
+        (the released t2i model is GPT-XL: `preset("GPT-XL", model_type="t2i")`)."""
         if name not in PRESETS:
             raise ValueError(f"unknown LlamaGen preset {name!r}; choose from {list(PRESETS)}")
-        return cls(**PRESETS[name], block_size=(image_size // downsample_size) ** 2)
+        extra = dict(model_type="t2i", cls_token_num=T2I_TOKENS) if model_type == "t2i" else \
+            dict(model_type=model_type)
+        return cls(**PRESETS[name], **extra, block_size=(image_size // downsample_size) ** 2)
 
+
+# Caption positions of the official text-conditional models (FLAN-T5 max length, cls_token_num).
+T2I_TOKENS = 120
 
 # Class-conditional presets of the official GPT_models (256 px = block_size 256; 384 px = 576).
 PRESETS = {
@@ -297,6 +323,63 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels).unsqueeze(1)
 
 
+class CaptionMLP(nn.Module):
+    """fc1 [hidden, in] -> tanh-GELU -> fc2 [out, hidden], no biases (the official `MLP`)."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=False)
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """Text condition: `cap_proj` (CaptionMLP caption_dim -> dim -> dim) and the learned null caption
+    `uncond_embedding` [token_num, caption_dim], a persistent buffer as in the official module (so it
+    is cast with the model, and sits before `cap_proj` in the state dict)."""
+
+    def __init__(self, caption_dim: int, dim: int, token_num: int):
+        super().__init__()
+        self.cap_proj = CaptionMLP(caption_dim, dim, dim)
+        self.register_buffer("uncond_embedding", torch.empty(token_num, caption_dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features [B, L, caption_dim] (already masked / null-substituted) -> [B, L, dim]"""
+        return self.cap_proj(features)
+
+
+def condition_attention_mask(key_ok: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """The official t2i attention mask (generate.py `setup_caches` + emb_masks), rows for the query
+    positions [start, start + length) over the keys [0, start + length).
+
+    key_ok: [B, L] bool, False at padded caption positions (sequence positions 0..L-1; image tokens
+    follow). Causal; a padded caption position is never attended to as a key, except by itself (the
+    diagonal is always open, so no row is empty). Returns [B, 1, length, start + length] bool.
+    """
+    B, L = key_ok.shape
+    n = start + length
+    q = torch.arange(start, n, device=key_ok.device)[:, None]
+    k = torch.arange(n, device=key_ok.device)[None, :]
+    keys = torch.ones(B, n, dtype=torch.bool, device=key_ok.device)
+    m = min(L, n)
+    keys[:, :m] = key_ok[:, :m]
+    mask = ((k <= q)[None] & keys[:, None, :]) | (k == q)[None]
+    return mask[:, None]
+
+
+def left_pad(features: torch.Tensor, mask: torch.Tensor) -> Caption:
+    """Move each caption's valid tokens to the end, as sample_t2i.py does before sampling (its default;
+    the official training data is left-padded the same way).
+
+    features [B, L, D] and a T5 mask [B, L] with the valid tokens first -> Caption whose row b is
+    features[b] rolled left by its valid count, and the mask flipped (exactly the official steps).
+    """
+    rows = [torch.roll(f, -int(m.sum()), dims=0) for f, m in zip(features, mask)]
+    return Caption(torch.stack(rows), torch.flip(mask, dims=[-1]))
+
+
 class RopeTable:
     """Mixin for modules with a `config` (GPTConfig) and a derived `freqs_cis` buffer
     [cls_token_num + block_size, hd/2, 2] fp32: rebuilt after a meta-device load, never cast."""
@@ -319,12 +402,16 @@ class RopeTable:
 
 
 class GPT(RopeTable, nn.Module):
-    """The class-conditional LlamaGen transformer (official key names)."""
+    """The LlamaGen transformer (official key names): class-conditional (`cls_embedding` a
+    LabelEmbedder) or text-conditional (`model_type="t2i"`: a CaptionEmbedder)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
-        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
+        if cfg.model_type == "t2i":
+            self.cls_embedding = CaptionEmbedder(cfg.caption_dim, cfg.dim, cfg.cls_token_num)
+        else:
+            self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
@@ -337,19 +424,35 @@ class GPT(RopeTable, nn.Module):
     def initialize_weights(self, std: Optional[float] = None) -> None:
         """Random init for weight-less use (tests, benchmarks): N(0, initializer_range) for Linear
         and Embedding as the official init, but the output head is NOT zeroed (the official zero
-        init would make a random teacher's distribution uniform)."""
+        init would make a random teacher's distribution uniform). The null caption is N(0, 1/caption_dim)
+        as the official `randn / sqrt(in_channels)`."""
         std = self.config.initializer_range if std is None else std
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, CaptionEmbedder):
+                nn.init.normal_(m.uncond_embedding, std=m.uncond_embedding.shape[1] ** -0.5)
 
     # -- pieces the student reuses --------------------------------------------------------------
     def class_embed(self, labels: torch.Tensor) -> torch.Tensor:
-        """labels [B] (num_classes = null) -> class slot inputs [B, cls_token_num, dim]"""
+        """Condition slot inputs [B, cls_token_num, dim] from labels [B] (num_classes = null) or, for
+        t2i, caption features [B, cls_token_num, caption_dim] (already masked / null-substituted)."""
+        if self.config.model_type == "t2i":
+            labels = labels.to(self.cls_embedding.uncond_embedding.dtype)
         return self.cls_embedding(labels)[:, : self.config.cls_token_num]
 
+    def null_condition(self, batch_size: int) -> torch.Tensor:
+        """The CFG null condition for a batch: class ids [B] = num_classes, or (t2i) the null caption
+        [B, cls_token_num, caption_dim]."""
+        if self.config.model_type == "t2i":
+            u = self.cls_embedding.uncond_embedding
+            return u[None].expand(batch_size, -1, -1)
+        return torch.full((batch_size,), self.config.num_classes, dtype=torch.long,
+                          device=self.tok_embeddings.weight.device)
+
     def embed(self, labels: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """labels [B], tokens [B, n] -> inputs [B, cls_token_num + n, dim]"""
+        """labels [B] (or t2i caption features [B, L, caption_dim]), tokens [B, n] -> inputs
+        [B, cls_token_num + n, dim]"""
         h = self.class_embed(labels)
         if tokens is not None and tokens.shape[1] > 0:
             h = torch.cat([h, self.tok_embeddings(tokens)], dim=1)
@@ -385,11 +488,15 @@ class GPT(RopeTable, nn.Module):
         """hidden [..., dim] -> logits [..., vocab_size] fp32"""
         return self.output(self.norm(h)).float()
 
-    def forward(self, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: labels [B], tokens [B, n] (n <= block_size) -> logits [B, n, V] fp32,
-        row i predicting token i (the class slot predicts token 0)."""
-        h = self.embed(labels, tokens[:, :-1])                         # [B, 1 + n - 1, dim]
-        return self.head(self.forward_hidden(h))
+    def forward(self, labels: torch.Tensor, tokens: torch.Tensor,
+                key_ok: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Teacher forcing: labels [B] (t2i: caption features [B, L, caption_dim]), tokens [B, n]
+        (n <= block_size) -> logits [B, n, V] fp32, row i predicting token i (the last condition slot
+        predicts token 0). key_ok: t2i caption mask [B, L] bool (None = no padding)."""
+        c = self.config.cls_token_num
+        h = self.embed(labels, tokens[:, :-1])                         # [B, c + n - 1, dim]
+        mask = None if key_ok is None else condition_attention_mask(key_ok, 0, h.shape[1])
+        return self.head(self.forward_hidden(h, mask=mask)[:, c - 1:])
 
     def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
         max_len = self.freqs_cis.shape[0] if max_len is None else max_len
@@ -435,11 +542,12 @@ def probs_from_logits(cond: torch.Tensor, uncond: Optional[torch.Tensor],
 @dataclass
 class LlamaGenState(DecodeState):
     """cache: KV cache of the (CFG-doubled: [cond; null]) batch; last_logits: [B or 2B, V] fp32
-    raw logits for the next token."""
+    raw logits for the next token; key_ok: t2i caption mask of that batch [B or 2B, L] bool."""
 
     cache: Optional[KVCache] = None
     last_logits: Optional[torch.Tensor] = None
     cfg: bool = False
+    key_ok: Optional[torch.Tensor] = None
 
 
 class LlamaGenTeacher(Teacher):
@@ -447,6 +555,9 @@ class LlamaGenTeacher(Teacher):
     # DD's teacher sampling for LlamaGen (eval_combine_sample.py): cfg 2.0 at every token,
     # temperature 1, top-k 8000, top-p 1.
     default_sampling = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=8000, top_p=1.0)
+    # A t2i teacher's default: sample_t2i.py's (cfg 7.5, top-k 1000, T 1, top-p 1). The DD paper's t2i
+    # sampling settings are not in this project's sources.
+    t2i_sampling = SamplingConfig(cfg_scale=7.5, temperature=1.0, top_k=1000, top_p=1.0)
 
     def __init__(self, gpt: GPT, vq: VQModel, ids: Optional[dict] = None):
         super().__init__()
@@ -458,8 +569,11 @@ class LlamaGenTeacher(Teacher):
         self.ids = dict(ids or {})
         cfg = gpt.config
         self.step_sizes = (1,) * cfg.block_size
-        self.num_classes = cfg.num_classes
+        self.text_conditional = cfg.model_type == "t2i"
+        self.num_classes = 0 if self.text_conditional else cfg.num_classes
         self.image_size = cfg.grid_size * vq.config.downsample
+        if self.text_conditional:
+            self.default_sampling = self.t2i_sampling
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -472,31 +586,60 @@ class LlamaGenTeacher(Teacher):
                 **self.ids}
 
     # -- stepping ----------------------------------------------------------------------------
-    def _cond(self, labels: torch.Tensor, cfg: bool) -> torch.Tensor:
-        labels = labels.long()
-        if not cfg:
-            return labels
-        return torch.cat([labels, torch.full_like(labels, self.num_classes)])
+    def condition(self, labels, cfg: bool = False):
+        """Check a condition and put it in the model's input form.
+
+        c2i: labels [B] -> (ids [B'], None), B' = 2B with the null class appended when cfg.
+        t2i: Caption [B, L, D] -> (features [B', L, D] in the model dtype, key_ok [B', L] bool): the
+        features times the mask (sample_t2i.py), and with cfg the null caption appended under the same
+        mask (generate.py). ValueError (one line) on a wrong kind, dimension or length.
+        """
+        cfg_ = self.gpt.config
+        if not self.text_conditional:
+            if isinstance(labels, Caption):
+                raise ValueError("this LlamaGen teacher is class-conditional (model_type='c2i'): pass "
+                                 "class labels [B], not a Caption")
+            if cfg and self.gpt.cls_embedding.embedding_table.num_embeddings <= self.num_classes:
+                raise ValueError("CFG needs the null-class row (a model built with class_dropout_prob > 0)")
+            ids = labels.to(self.device).long()
+            return (torch.cat([ids, self.gpt.null_condition(ids.shape[0])]) if cfg else ids), None
+        if not isinstance(labels, Caption):
+            raise ValueError("this LlamaGen teacher is text-conditional (model_type='t2i'): pass a "
+                             "teachers.base.Caption(features [B, L, D], mask [B, L]), not class labels")
+        B, L, D = labels.features.shape
+        if D != cfg_.caption_dim:
+            raise ValueError(f"caption features have dimension {D}, the model expects "
+                             f"caption_dim={cfg_.caption_dim}")
+        if L != cfg_.cls_token_num:
+            raise ValueError(f"captions have {L} token positions, the model expects "
+                             f"cls_token_num={cfg_.cls_token_num} (pad or truncate the features first)")
+        dtype = self.gpt.cls_embedding.uncond_embedding.dtype
+        key_ok = labels.mask.to(self.device)
+        feats = labels.features.to(self.device, dtype) * key_ok[..., None].to(dtype)
+        if cfg:
+            feats = torch.cat([feats, self.gpt.null_condition(B)])
+            key_ok = torch.cat([key_ok, key_ok])
+        return feats, key_ok
 
     @torch.no_grad()
-    def start(self, labels: torch.Tensor, sampling: SamplingConfig,
+    def start(self, labels, sampling: SamplingConfig,
               prefix: Optional[torch.Tensor] = None) -> LlamaGenState:
         cfg = sampling.cfg_scale > 1.0
-        if cfg and self.gpt.cls_embedding.embedding_table.num_embeddings <= self.num_classes:
-            raise ValueError("CFG needs the null-class row (a model built with class_dropout_prob > 0)")
-        labels = labels.to(self.device).long()
-        cond = self._cond(labels, cfg)                                   # [B'] (B' = 2B with CFG)
+        cond, key_ok = self.condition(labels, cfg)                      # [B', ...] (B' = 2B with CFG)
         m = 0 if prefix is None else prefix.shape[1]
         if m > self.num_tokens:
             raise ValueError(f"prefix of {m} tokens is longer than {self.num_tokens}")
-        state = LlamaGenState(labels=labels, sampling=sampling, cfg=cfg)
+        labels = labels.to(self.device) if isinstance(labels, Caption) else labels.to(self.device).long()
+        state = LlamaGenState(labels=labels, sampling=sampling, cfg=cfg, key_ok=key_ok)
         state.cache = self.gpt.new_cache(cond.shape[0])
         toks = None
         if m:
             prefix = prefix.to(self.device).long()
             state.tokens = list(prefix.split(1, dim=1))
             toks = torch.cat([prefix, prefix]) if cfg else prefix
-        h = self.gpt.forward_hidden(self.gpt.embed(cond, toks), cache=state.cache)
+        h = self.gpt.embed(cond, toks)
+        mask = None if key_ok is None else condition_attention_mask(key_ok, 0, h.shape[1])
+        h = self.gpt.forward_hidden(h, mask=mask, cache=state.cache)
         state.last_logits = self.gpt.head(h[:, -1])                      # [B', V]
         state.step = m
         return state
@@ -519,13 +662,16 @@ class LlamaGenTeacher(Teacher):
             state.last_logits = None
             return
         toks = torch.cat([tokens, tokens]) if state.cfg else tokens
-        h = self.gpt.forward_hidden(self.gpt.tok_embeddings(toks), cache=state.cache)
+        mask = None if state.key_ok is None else \
+            condition_attention_mask(state.key_ok, state.cache.length, 1)
+        h = self.gpt.forward_hidden(self.gpt.tok_embeddings(toks), mask=mask, cache=state.cache)
         state.last_logits = self.gpt.head(h[:, -1])
 
     # -- full-sequence views -----------------------------------------------------------------
     @torch.no_grad()
-    def logits(self, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.gpt(labels.to(self.device).long(), tokens.to(self.device).long())
+    def logits(self, labels, tokens: torch.Tensor) -> torch.Tensor:
+        cond, key_ok = self.condition(labels)
+        return self.gpt(cond, tokens.to(self.device).long(), key_ok)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -551,6 +697,22 @@ GPT_IGNORE = ("freqs_cis", "*k_cache", "*v_cache", "*kv_cache*")
 VQ_IGNORE = ("quantize.codebook_used",)
 
 
+# The key that tells the two condition layouts apart.
+CONDITION_KEYS = {"c2i": "cls_embedding.embedding_table.weight", "t2i": "cls_embedding.cap_proj.fc1.weight"}
+
+
+def check_model_type(state: dict, cfg: GPTConfig, where: str) -> None:
+    """Raise a one-line CheckpointMismatchError when `state` is the other condition layout
+    (class-conditional vs text-conditional) than `cfg.model_type`, naming the telling key."""
+    want = cfg.model_type
+    other = "t2i" if want == "c2i" else "c2i"
+    if CONDITION_KEYS[want] not in state and CONDITION_KEYS[other] in state:
+        kind = {"c2i": "class-conditional", "t2i": "text-to-image"}
+        raise CheckpointMismatchError(
+            f"{where}: a {kind[other]} LlamaGen checkpoint (it has {CONDITION_KEYS[other]}, not "
+            f"{CONDITION_KEYS[want]}) given to a model_type={want!r} config; use model_type={other!r}")
+
+
 def load(config: Union[str, dict, GPTConfig, None] = "GPT-B", checkpoint=None, *,
          tokenizer_config: Union[str, dict, VQConfig, None] = None, tokenizer_checkpoint=None,
          device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
@@ -559,17 +721,29 @@ def load(config: Union[str, dict, GPTConfig, None] = "GPT-B", checkpoint=None, *
     """Build a LlamaGen teacher; checkpoints are paths or in-memory state dicts (None = random).
 
     config: preset ("GPT-L") or dict of official ModelArgs names (optionally with "preset" and
-    "image_size"); image_size: 256 (block_size 256) or 384 (576) for a preset.
+    "image_size"); image_size: 256 (block_size 256) or 384 (576) for a preset. Text-to-image:
+    `{"preset": "GPT-XL", "model_type": "t2i"}` with `t2i_XL_stage1_256.pt` and `vq_ds16_t2i.pt`
+    (`image_size=512` for `t2i_XL_stage2_512.pt`).
     The GPT is read from "model" / "module" / "state_dict" (or "ema" with ema=True), the VQ from
     "model" (or "ema" with tokenizer_ema=True); both strictly, ignoring only stale `freqs_cis`,
     KV-cache buffers and the VQ's `quantize.codebook_used`. The GPT is kept in `dtype`; the VQ in fp32.
     """
     vcfg = as_vq_config(tokenizer_config)
     gcfg = as_gpt_config(config, image_size, vcfg.downsample)
-    gpt = load_strict(lambda: GPT(gcfg), checkpoint, ignore=GPT_IGNORE,
-                      nesting=("ema",) if ema else ("model", "module", "state_dict"),
-                      device=device, dtype=dtype, weights_only=weights_only,
-                      what=f"LlamaGen GPT {gcfg}")
+    nesting = ("ema",) if ema else ("model", "module", "state_dict")
+    is_path = isinstance(checkpoint, (str, os.PathLike))
+    source = checkpoint
+    if checkpoint is not None:   # read once, to name a c2i/t2i mix-up before the key-by-key check
+        source = read_state_dict(checkpoint, nesting=nesting, weights_only=weights_only)
+        check_model_type(source, gcfg, os.fspath(checkpoint) if is_path else "checkpoint")
+    try:
+        gpt = load_strict(lambda: GPT(gcfg), source, ignore=GPT_IGNORE, nesting=nesting,
+                          device=device, dtype=dtype, weights_only=weights_only,
+                          what=f"LlamaGen GPT {gcfg}")
+    except CheckpointMismatchError as e:
+        if is_path:
+            raise CheckpointMismatchError(f"{os.fspath(checkpoint)}: {e}") from None
+        raise
     vq = load_strict(lambda: VQModel(vcfg), tokenizer_checkpoint, ignore=VQ_IGNORE,
                      nesting=("ema",) if tokenizer_ema else ("model",),
                      device=device, dtype=torch.float32, weights_only=weights_only,
