@@ -76,6 +76,9 @@ class LlamaGenDD(HistoryForward, RopeTable, nn.Module):
     def __init__(self, cfg: GPTConfig, codebook_dim: int, history: Optional[str] = None,
                  lower_layers: Optional[int] = None, history_steps: Optional[int] = None):
         super().__init__()
+        if cfg.model_type != "c2i":   # the caption-conditioned student is issue 18's next part
+            raise ValueError(f"the DD student is class-conditional only; got a model_type="
+                             f"{cfg.model_type!r} LlamaGen config")
         self.history_opts = history_options(cfg.n_layer, history, lower_layers, history_steps)
         self.config = cfg
         self.codebook_dim = codebook_dim
