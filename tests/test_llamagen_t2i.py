@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,27 @@ MANIFEST = json.loads((HERE / "manifests" / "llamagen_t2i_official.json").read_t
 C2I_MANIFEST = json.loads((HERE / "manifests" / "llamagen_official.json").read_text())
 TINY_VQ = dict(codebook_size=64, codebook_embed_dim=8, ch=32, z_channels=32, encoder_ch_mult=(1, 2),
                decoder_ch_mult=(1, 2), num_res_blocks=1)
+# The fixture's tokenizer: the official VQModel(ModelArgs(**OFFICIAL_VQ)) (its ch = 128 and
+# num_res_blocks = 2 are fixed there); 8x8 images <-> 4x4 = 16 tokens of the tiny GPT's vocabulary.
+OFFICIAL_VQ = dict(codebook_size=64, codebook_embed_dim=8, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2],
+                   z_channels=32)
+VQ_SEED = 5
+
+
+def vq_weights(shapes: dict, seed: int = VQ_SEED) -> dict:
+    """Deterministic weights from each key's name (shared with tools/llamagen_t2i_parity_fixture.py,
+    so the fixture needs no weights): norm scales near 1, small biases, unit-gain conv / linear maps."""
+    out = {}
+    for k, shape in shapes.items():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(k.encode()))
+        r = torch.randn(tuple(shape), generator=g)
+        if "norm" in k and len(shape) == 1:
+            out[k] = 1 + 0.1 * r if k.endswith("weight") else 0.1 * r
+        elif len(shape) == 1:
+            out[k] = 0.1 * r
+        else:
+            out[k] = r / math.prod(shape[1:]) ** 0.5
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +53,10 @@ def official():
 
 @pytest.fixture(scope="module")
 def teacher(official):
-    return load(official["config"], {"model": official["state_dict"]}, tokenizer_config=TINY_VQ)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in VQModel(VQConfig.from_dict(OFFICIAL_VQ)).state_dict().items()}
+    return load(official["config"], {"model": official["state_dict"]}, tokenizer_config=OFFICIAL_VQ,
+                tokenizer_checkpoint={"model": vq_weights(shapes)})
 
 
 def caption(official, left: bool = True) -> Caption:
@@ -61,6 +86,16 @@ def test_teacher_forced_logits_match_official(official, teacher):
     # the fixture can fail: ignoring the caption mask, or the caption, moves the logits
     assert (teacher.gpt(caption(official).features, z) - official["tf_logits"]).abs().max() > 1e-2
     assert (official["tf_logits_null"] - official["tf_logits"]).abs().max() > 1e-1
+
+
+def test_vq_matches_official(official, teacher):
+    """The t2i tokenizer is the VQ-16 code: encode indices and decode_code against the official module."""
+    assert torch.equal(teacher.vq.encode(official["vq_images"]), official["vq_encode_idx"])
+    x = teacher.vq.decode_code(official["greedy_cfg_tokens"])                    # [3, 3, 8, 8]
+    torch.testing.assert_close(x, official["vq_decode"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(teacher.decode(official["greedy_cfg_tokens"]),
+                               ((official["vq_decode"] + 1) / 2).clamp(0, 1), rtol=0, atol=1e-5)
+    assert len(official["vq_encode_idx"].unique()) > 4                          # not a degenerate code
 
 
 @pytest.mark.parametrize("run", ["greedy_cfg", "greedy_cfg_right", "seeded_cfg", "seeded_nocfg"])

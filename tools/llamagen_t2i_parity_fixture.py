@@ -15,13 +15,17 @@ them, and the same after sample_t2i.py's left-padding), and the official outputs
   mask; dropout and caption dropout off) for the caption, for the null caption under the same mask,
   and for the right-padded layout;
 - `generate` runs: greedy with CFG (left- and right-padded), seeded multinomial with CFG + top-k +
-  top-p + temperature, seeded without CFG; each run's tokens and per-step probabilities.
+  top-p + temperature, seeded without CFG; each run's tokens and per-step probabilities;
+- the tokenizer (the official VQModel at a tiny config, 8x8 images <-> 16 tokens): encode indices of
+  random images and `decode_code` of the greedy run's tokens. Its weights are not stored: they are
+  drawn from the key names by `tests/test_llamagen_t2i.py: vq_weights`, which the test re-uses.
 The left-padding and the training mask are inside the official scripts' main / dataset classes, so
 they are restated here step by step (sample_t2i.py L92-106, dataset/t2i.py L114-128).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -40,6 +44,15 @@ RUNS = {                        # name: (sampling kwargs of generate, seed or No
     "seeded_cfg": (dict(cfg_scale=2.0, temperature=0.9, top_k=20, top_p=0.9, sample_logits=True), 7, True),
     "seeded_nocfg": (dict(cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, sample_logits=True), 8, True),
 }
+
+
+def _test_module():
+    path = os.path.join(ROOT, "tests", "test_llamagen_t2i.py")
+    spec = importlib.util.spec_from_file_location("test_llamagen_t2i", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, ROOT)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def randomise(model: torch.nn.Module, seed: int) -> dict:
@@ -121,7 +134,9 @@ def main():
     sys.path.insert(0, os.path.abspath(args.official))
     import autoregressive.models.generate as gen
     from autoregressive.models.gpt import ModelArgs, Transformer, GPT_models
-    from tokenizer.tokenizer_image.vq_model import VQ_models
+    from tokenizer.tokenizer_image.vq_model import VQ_models, VQModel
+    from tokenizer.tokenizer_image.vq_model import ModelArgs as VQArgs
+    T_ = _test_module()
     torch.backends.cuda.matmul.allow_tf32 = False
 
     model = Transformer(ModelArgs(**TINY))
@@ -163,6 +178,16 @@ def main():
             gen.sample = orig
             out[f"{name}_tokens"] = tokens.long().clone()            # [B, n]
             out[f"{name}_probs"] = torch.stack(probs, dim=1)         # [B, n, V]
+        vq = VQModel(VQArgs(**T_.OFFICIAL_VQ)).eval()
+        sd = vq.state_dict()
+        sd.update(T_.vq_weights({k: v.shape for k, v in sd.items() if k != "quantize.codebook_used"}))
+        vq.load_state_dict(sd, strict=True)
+        images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(6)) * 2 - 1
+        _, _, info = vq.encode(images)
+        out["vq_images"] = images                                    # [2, 3, 8, 8] in [-1, 1]
+        out["vq_encode_idx"] = info[2].view(2, -1).clone()           # [2, 16]
+        g = out["greedy_cfg_tokens"]
+        out["vq_decode"] = vq.decode_code(g, [g.shape[0], T_.OFFICIAL_VQ["codebook_embed_dim"], 4, 4]).clone()
     out["runs"] = {k: {**kw, "seed": seed, "left_padded": left} for k, (kw, seed, left) in RUNS.items()}
     out["_source"] = ("FoundationVision/LlamaGen @ce98ec4 (official t2i code, CPU fp32), "
                       "tools/llamagen_t2i_parity_fixture.py")
