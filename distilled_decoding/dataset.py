@@ -6,6 +6,7 @@ import os
 import torch
 from torch.utils.data import Dataset
 
+from .captions import read_side_table
 from .pairs import DatasetError, pair_store
 from .shard_store import ShardRows
 from .seeding import noise_fingerprint, sample_noise
@@ -37,6 +38,15 @@ class PairDataset(ShardRows, Dataset):
     @property
     def teacher_spec(self) -> TeacherSpec:
         return TeacherSpec.from_dict(self.manifest["teacher_spec"])
+
+    @property
+    def captions(self):
+        """The `CaptionTable` of a text-to-image data set (items' "label" is a caption index), else None."""
+        if "condition" not in self.settings:
+            return None
+        if getattr(self, "_captions", None) is None:
+            self._captions = read_side_table(self.root)
+        return self._captions
 
     @property
     def num_tokens(self) -> int:

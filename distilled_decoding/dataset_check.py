@@ -56,6 +56,7 @@ def _recompute(root, m, n_check, *, device, batch_size, spec, seed, log) -> list
     if wrong:
         return ["the teacher loaded for --recompute is not the one recorded: " + "; ".join(wrong)]
     ds = PairDataset(root)
+    captions = ds.captions
     g = torch.Generator().manual_seed(seed)
     picks = torch.randperm(len(ds), generator=g)[:n_check].tolist()
     sampling = SamplingConfig(**st["sampling"])
@@ -71,7 +72,8 @@ def _recompute(root, m, n_check, *, device, batch_size, spec, seed, log) -> list
             regen = sample_noise(st["seed"], [int(it["index"]) for it in items], st["num_tokens"], st["embed_dim"])
             if not torch.equal(regen, eps):
                 bad.append("stored noise differs from the noise regenerated from (seed, index)")
-        got = generate_pairs(teacher, labels, eps, sampling, fm_config, codebook=codebook).cpu()
+        cond = labels if captions is None else captions.caption(labels)
+        got = generate_pairs(teacher, cond, eps, sampling, fm_config, codebook=codebook).cpu()
         agree += int((got == stored).sum())
         total += stored.numel()
         for it, row_ok in zip(items, (got == stored).all(1).tolist()):

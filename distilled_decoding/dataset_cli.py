@@ -9,6 +9,7 @@ import functools
 
 import click
 
+from .captions import CaptionError, load_captions, teacher_caption_shape
 from .dataset_check import dataset_info, verify_dataset
 from .distributed import default_device, device_option_check, finish_distributed, init_distributed
 from .dpm_solver import SPACINGS, VARIANTS
@@ -76,10 +77,14 @@ def flow_map_options(f):
 @click.option("--store-noise", is_flag=True, default=False, help="Also store the fp32 noise in the shards.")
 @click.option("--device", default=None, callback=device_option_check, help="cpu, cuda, cuda:1 ... Default: cuda when available.")
 @click.option("--no-progress", is_flag=True, default=False, help="No progress bar.")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Text-to-image teachers: the prompt file (one prompt a line; pairs cycle over them as --labels says).")
+@click.option("--caption-features", "caption_features", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Text-to-image teachers: the official feature files, <DIR>/<prompt file stem>/<line>.npy [1, n, D].")
 @flow_map_options
 @teacher_options
 def build_dataset_command(out, num_samples, shard_size, batch_size, seed, labels, store_noise, device,
-                          no_progress, fm_config, teacher_spec, sampling_overrides):
+                          no_progress, prompts, caption_features, fm_config, teacher_spec, sampling_overrides):
     """Generate (noise, tokens) pairs with a teacher and the flow map, into sharded files.
 
     Resumable (re-run the same command), extendable (a larger --num-samples), and multi-process
@@ -87,12 +92,20 @@ def build_dataset_command(out, num_samples, shard_size, batch_size, seed, labels
     """
     _, _, device, own_pg = init_distributed(device)
     try:
+        if (prompts is None) != (caption_features is None):
+            raise click.UsageError("--prompts and --caption-features go together")
         teacher = teacher_spec.load(device)
+        captions = None
+        if prompts is not None:
+            shape = teacher_caption_shape(teacher)
+            if shape is None:
+                raise CaptionError("this teacher is class-conditional: drop --prompts / --caption-features")
+            captions = load_captions(prompts, caption_features, *shape)
         sampling = resolve_sampling(teacher, sampling_overrides)
         build_dataset(out, teacher, teacher_spec, num_samples=num_samples, sampling=sampling, fm_config=fm_config,
                       seed=seed, labels=labels, shard_size=shard_size, batch_size=batch_size,
-                      store_noise=store_noise, show_progress=not no_progress, log=click.echo)
-    except StoreError as e:
+                      store_noise=store_noise, show_progress=not no_progress, log=click.echo, captions=captions)
+    except (StoreError, CaptionError) as e:
         raise click.ClickException(str(e)) from e
     finally:
         finish_distributed(own_pg)

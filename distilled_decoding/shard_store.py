@@ -20,6 +20,11 @@ manifest whose settings were edited afterwards is refused by every reader (store
 this field are read as they are). A resumed build re-hashes the finished shards before trusting
 them, so a corrupt shard is named and rebuilt, never kept.
 
+**Side files.** A build may also store whole-store files once beside the shards (e.g. the caption
+table of a text-to-image data set): written by rank 0 after the settings check, recorded in the
+manifest's `side_files` (bytes, sha256), checked by `verify`; one damaged since is named and rewritten
+on resume (its hash is part of the settings of whoever uses one, so the bytes are fixed).
+
 **One builder at a time.** The build holds `.lock` (O_EXCL, holding the builder's host and pid) in
 the directory; a second build into it is refused, naming the holder. A lock whose process is gone
 (same host) is stale and taken over.
@@ -198,6 +203,12 @@ class ShardStore:
                 problems.append(f"shard {e['file']}: index is not [{e['start']}, {e['start'] + e['count']})")
             elif check_tensors is not None:
                 problems += check_tensors(st, e, t)
+        for name, rec in m.get("side_files", {}).items():
+            path = self.path(name)
+            if not os.path.isfile(path):
+                problems.append(f"side file {name} is missing ({path})")
+            elif file_sha256(path) != rec["sha256"]:
+                problems.append(f"side file {name} is corrupt: its sha256 differs from the manifest's")
         log(f"checked {len(m['shards'])} shards, {sum(e['count'] for e in m['shards'])} {self.schema.unit}: "
             + ("ok" if not problems else f"{len(problems)} problem(s)"))
         return problems
@@ -251,8 +262,18 @@ class ShardStore:
                 "build": dict(build_info, updated=datetime.datetime.now().isoformat(timespec="seconds")),
                 "shards": shards}
 
+    def write_side_files(self, side_files: Dict[str, bytes], warn: Callable[[str], None]) -> None:
+        """Write each side file unless it already holds these bytes (a differing one is damaged: rewritten)."""
+        for name, data in side_files.items():
+            path = self.path(name)
+            if os.path.isfile(path):
+                if file_sha256(path) == sha256_bytes(data):
+                    continue
+                warn(f"side file {name} differs from the recorded one; rewriting it")
+            atomic_write(path, data)
+
     def prepare(self, settings: dict, extra: dict, num_samples: int, build_info: dict,
-                warn: Callable[[str], None]) -> dict:
+                warn: Callable[[str], None], side_files: Optional[Dict[str, bytes]] = None) -> dict:
         """Rank 0, before any shard is written: check the directory, clean temporaries, plan the work."""
         out = self.root
         old = None
@@ -269,6 +290,7 @@ class ShardStore:
         elif glob.glob(self.path("shard-*.safetensors")):
             raise StoreError(f"{out} holds shards but no {MANIFEST}; refusing to mix {self.schema.noun}s")
         os.makedirs(os.path.join(out, PROGRESS_DIR), exist_ok=True)
+        self.write_side_files(side_files or {}, warn)
         for p in glob.glob(self.path("*.tmp.*")) + glob.glob(os.path.join(out, PROGRESS_DIR, "*.tmp.*")):
             # temporaries of an interrupted run (files, or a folder such as png.tmp.<pid>); finished
             # files are never touched. The build lock keeps any live writer out of this directory.
@@ -416,18 +438,23 @@ class ShardRows:
 
 def build_shards(store: ShardStore, settings: dict, num_samples: int, produce: Producer, *, extra: dict,
                  build_info: dict, show_progress: bool = True, desc: str = "build",
-                 log: Callable[[str], None] = print) -> Optional[dict]:
+                 log: Callable[[str], None] = print, side_files: Optional[Dict[str, bytes]] = None
+                 ) -> Optional[dict]:
     """Build (or complete, or extend) `store` with `produce`. Returns the manifest on rank 0 (None on
     the other ranks). Collective under torch.distributed: every rank calls it with the same arguments.
 
     settings: what decides the data (compared on resume; holds "shard_size"); extra: more manifest
-    entries written beside the settings, not compared; build_info: how it was built, not compared.
+    entries written beside the settings, not compared; build_info: how it was built, not compared;
+    side_files: {file name: bytes} stored once in the directory (see the module docstring).
     """
     rank, world = dist_info()
     shard_size = settings["shard_size"]
     if num_samples <= 0 or shard_size <= 0:
         raise ValueError("num_samples and shard_size must be positive")
     warn = (lambda msg: log(f"warning: {msg}")) if rank == 0 else (lambda msg: None)
+    if side_files:
+        extra = dict(extra, side_files={name: {"bytes": len(data), "sha256": sha256_bytes(data)}
+                                        for name, data in sorted(side_files.items())})
 
     plan = None
     locked = False
@@ -435,7 +462,7 @@ def build_shards(store: ShardStore, settings: dict, num_samples: int, produce: P
         try:
             store.lock()
             locked = True
-            plan = store.prepare(settings, extra, num_samples, build_info, warn)
+            plan = store.prepare(settings, extra, num_samples, build_info, warn, side_files)
         except StoreError as e:
             plan = {"error": str(e)}
     try:

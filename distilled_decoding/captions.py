@@ -1,0 +1,154 @@
+"""Caption conditions of text-to-image teachers: a prompt file plus precomputed caption features in the
+official LlamaGen format, read into one table (`CaptionTable`), and that table as a data set's side file.
+
+**The feature files** (LlamaGen `language/extract_t5_feature.py`): for line i (0-based) of a prompt
+file `<stem>.jsonl` / `<stem>.txt`, the file `<DIR>/<stem>/<i>.npy` holds float32 [1, n, D]: the n real
+T5 tokens only. As the official data set (`dataset/t2i.py`) does, they are left-padded into the
+model's `cls_token_num` slots (real tokens last, mask True there, features zero elsewhere). The
+official code silently truncates a caption over the slot count; we refuse it.
+
+**Checked before anything is written**: every prompt line non-empty, every feature file present (the
+error names the prompt), of shape [1, n, D] with D = the model's caption_dim and 1 <= n <= slots.
+
+**Side file.** A data set stores the table once (`captions.safetensors`: features [P, slots, D] fp32,
+mask [P, slots] uint8, the prompts in its metadata); each pair stores a caption index in `labels`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from teachers.base import Caption
+
+SIDE_FILE = "captions.safetensors"
+
+
+class CaptionError(ValueError):
+    """Bad prompts or caption features (one line, naming the prompt)."""
+
+
+@dataclass(frozen=True)
+class CaptionTable:
+    """prompts [P]; features [P, slots, D] fp32 (zero at padded slots); mask [P, slots] bool (left-padded);
+    prompts_sha256: of the prompt file's bytes."""
+
+    prompts: List[str]
+    features: torch.Tensor
+    mask: torch.Tensor
+    prompts_sha256: str
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def slots(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[2]
+
+    def caption(self, index: torch.Tensor) -> Caption:
+        """index [B] caption ids -> Caption ([B, slots, D], [B, slots])."""
+        index = index.long().cpu()
+        return Caption(self.features[index], self.mask[index])
+
+    def to_bytes(self) -> bytes:
+        """The side file's bytes (deterministic: the same table gives the same bytes)."""
+        from safetensors.torch import save
+        return save({"features": self.features.contiguous(), "mask": self.mask.to(torch.uint8).contiguous()},
+                    # one metadata key: safetensors writes several in hash-map order (bytes would vary)
+                    metadata={"prompts": json.dumps({"prompts": self.prompts, "sha256": self.prompts_sha256})})
+
+    def settings(self) -> dict:
+        """What decides the data (a data set's `settings["condition"]`)."""
+        return {"kind": "caption", "prompts_sha256": self.prompts_sha256, "num_prompts": len(self),
+                "caption_slots": self.slots, "caption_dim": self.dim,
+                "table_sha256": hashlib.sha256(self.to_bytes()).hexdigest()}
+
+
+def read_prompts(path: str) -> List[str]:
+    """One prompt a line (a .jsonl line may be a JSON object with "prompt" or "text", or a JSON string)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise CaptionError(f"cannot read the prompt file {path}: {e.strerror}") from e
+    if not lines:
+        raise CaptionError(f"the prompt file {path} is empty")
+    prompts = []
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if text.startswith(("{", '"')):
+            try:
+                obj = json.loads(text)
+                text = obj if isinstance(obj, str) else str(obj.get("prompt", obj.get("text", "")))
+            except (json.JSONDecodeError, AttributeError):
+                pass
+        if not text.strip():
+            raise CaptionError(f"{path}: line {i + 1} is an empty prompt (one non-empty prompt a line)")
+        prompts.append(text.strip())
+    return prompts
+
+
+def feature_path(features_dir: str, prompts_path: str, line: int) -> str:
+    """The official file of prompt line `line` (0-based): <DIR>/<prompt file stem>/<line>.npy."""
+    stem = os.path.splitext(os.path.basename(prompts_path))[0]
+    return os.path.join(features_dir, stem, f"{line}.npy")
+
+
+def load_captions(prompts_path: str, features_dir: str, slots: int, dim: int) -> CaptionTable:
+    """Read and check every prompt and its features (CaptionError on the first problem), left-padded
+    into `slots` positions of dimension `dim`."""
+    import numpy as np
+
+    prompts = read_prompts(prompts_path)
+    with open(prompts_path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    features = torch.zeros(len(prompts), slots, dim)
+    mask = torch.zeros(len(prompts), slots, dtype=torch.bool)
+    for i, prompt in enumerate(prompts):
+        p = feature_path(features_dir, prompts_path, i)
+        name = f"prompt {i + 1} ({_short(prompt)})"
+        if not os.path.isfile(p):
+            raise CaptionError(f"no caption features for {name}: {p} is missing")
+        try:
+            a = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise CaptionError(f"caption features of {name} do not load ({p}: {e})") from e
+        if a.ndim != 3 or a.shape[0] != 1 or a.shape[1] < 1:
+            raise CaptionError(f"caption features of {name} have shape {list(a.shape)}, expected [1, n, {dim}] ({p})")
+        if a.shape[2] != dim:
+            raise CaptionError(f"caption features of {name} have dimension {a.shape[2]}, the teacher's caption_dim "
+                               f"is {dim} ({p})")
+        n = a.shape[1]
+        if n > slots:
+            raise CaptionError(f"{name} has {n} caption tokens, over the teacher's {slots} caption slots ({p})")
+        features[i, slots - n:] = torch.from_numpy(np.ascontiguousarray(a[0], dtype=np.float32))
+        mask[i, slots - n:] = True
+    return CaptionTable(prompts, features, mask, sha)
+
+
+def teacher_caption_shape(teacher) -> Optional[tuple]:
+    """(slots, caption_dim) of a text-conditional teacher; None for a class-conditional one."""
+    if not getattr(teacher, "text_conditional", False):
+        return None
+    cfg = teacher.gpt.config
+    return cfg.cls_token_num, cfg.caption_dim
+
+
+def read_side_table(root: str) -> CaptionTable:
+    """The caption table a data set stores (`SIDE_FILE` in `root`)."""
+    from safetensors import safe_open
+    with safe_open(os.path.join(root, SIDE_FILE), framework="pt") as f:
+        meta = json.loads(f.metadata()["prompts"])
+        return CaptionTable(meta["prompts"], f.get_tensor("features"), f.get_tensor("mask").bool(), meta["sha256"])
+
+
+def _short(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
