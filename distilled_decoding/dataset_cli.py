@@ -9,7 +9,7 @@ import functools
 
 import click
 
-from .captions import CaptionError, load_captions, teacher_caption_shape
+from .captions import CaptionError, captions_for_teacher
 from .dataset_check import dataset_info, verify_dataset
 from .distributed import default_device, device_option_check, finish_distributed, init_distributed
 from .dpm_solver import SPACINGS, VARIANTS
@@ -92,15 +92,8 @@ def build_dataset_command(out, num_samples, shard_size, batch_size, seed, labels
     """
     _, _, device, own_pg = init_distributed(device)
     try:
-        if (prompts is None) != (caption_features is None):
-            raise click.UsageError("--prompts and --caption-features go together")
         teacher = teacher_spec.load(device)
-        captions = None
-        if prompts is not None:
-            shape = teacher_caption_shape(teacher)
-            if shape is None:
-                raise CaptionError("this teacher is class-conditional: drop --prompts / --caption-features")
-            captions = load_captions(prompts, caption_features, *shape)
+        captions = captions_for_teacher(teacher, prompts, caption_features)   # checked before anything is written
         sampling = resolve_sampling(teacher, sampling_overrides)
         build_dataset(out, teacher, teacher_spec, num_samples=num_samples, sampling=sampling, fm_config=fm_config,
                       seed=seed, labels=labels, shard_size=shard_size, batch_size=batch_size,

@@ -14,6 +14,7 @@ assembles the outputs from them, in index order:
     grid.png      the first --grid-max images;  png/<index:06d>.png with --png
     timing.json   model / decoder seconds of the samples this invocation made (rank 0's)
     sample.json   the settings
+    prompts.txt   text-to-image: "<index>\t<prompt>" of every sample (arr_1 holds caption indices)
 
 The shards stay beside them (the source of truth of `verify_samples`): the images take twice their
 size on disk.
@@ -41,6 +42,7 @@ from .timing import Stopwatch, timing_line, timing_record
 SAMPLES_FILE = "samples.npz"
 TOKENS_FILE = "tokens.npy"
 GRID_FILE = "grid.png"
+PROMPTS_FILE = "prompts.txt"
 PNG_DIR = "png"
 
 
@@ -75,7 +77,9 @@ def sample_settings(plan: SamplePlan, *, seed: int, labels: str, shard_size: int
         "teacher": t.describe(), "sampling": plan.sampling.to_dict() if plan.sampling is not None else None,
         "run": os.path.abspath(run) if run else None, "ema": ema, "student_sha256": weights,
         "data": os.path.abspath(data) if data else None, "marginal": marginal if plan.kind == "onestep" else None,
-        "seed": int(seed), "labels": labels, "num_classes": int(t.num_classes), "shard_size": int(shard_size),
+        "seed": int(seed), "labels": labels, "shard_size": int(shard_size),
+        "num_classes": int(t.num_classes if plan.captions is None else len(plan.captions)),
+        **({} if plan.captions is None else {"condition": plan.captions.settings()}),
         "image_shape": [int(t.image_size), int(t.image_size), 3], "num_tokens": int(plan.num_tokens),
         "token_dtype": "int16" if t.vocab_size <= 2 ** 15 else "int32",
     })
@@ -93,7 +97,7 @@ def build_samples(out: str, plan: SamplePlan, settings: dict, *, num_samples: in
     tdtype = getattr(torch, settings["token_dtype"])
     if warmup:
         idx = list(range(min(batch_size, num_samples)))
-        plan.run(seed, idx, make_labels(seed, idx, t.num_classes, spec).to(device), device)
+        plan.run(seed, idx, make_labels(seed, idx, settings["num_classes"], spec).to(device), device)
     sw_model, sw_dec = Stopwatch(device), Stopwatch(device)
     made = [0]
 
@@ -101,7 +105,7 @@ def build_samples(out: str, plan: SamplePlan, settings: dict, *, num_samples: in
         images, labels, tokens = [], [], []
         for b0 in range(start, start + count, batch_size):
             idx = list(range(b0, min(b0 + batch_size, start + count)))
-            lab = make_labels(seed, idx, t.num_classes, spec).to(device)
+            lab = make_labels(seed, idx, settings["num_classes"], spec).to(device)
             with sw_model:
                 x, tok = plan.run(seed, idx, lab, device)
             with sw_dec:
@@ -132,6 +136,10 @@ def build_samples(out: str, plan: SamplePlan, settings: dict, *, num_samples: in
         rec["line"] = timing_line(rec)
         log(rec["line"])
         atomic_write(os.path.join(out, "timing.json"), json_bytes(rec))
+    if plan.captions is not None:   # the prompt of each sample, in grid order
+        ids = make_labels(seed, range(num_samples), settings["num_classes"], spec).tolist()
+        atomic_write(os.path.join(out, PROMPTS_FILE),
+                     "".join(f"{i}\t{plan.captions.prompts[c]}\n" for i, c in enumerate(ids)).encode())
     meta = dict(settings, num_samples=num_samples, batch_size=batch_size, device=str(device), world_size=world)
     atomic_write(os.path.join(out, "sample.json"), json_bytes(meta))
     log(f"wrote {num_samples} samples to {out} ({SAMPLES_FILE}, {TOKENS_FILE}, {GRID_FILE}"

@@ -306,6 +306,7 @@ class SamplePlan:
     n_skip: int = 0
     skip_fill: str = "draw"
     marginals: Optional[TokenMarginals] = None
+    captions: object = None        # text-to-image: a captions.CaptionTable; labels are then caption indices
 
     def __post_init__(self):
         if self.kind not in SAMPLERS:
@@ -313,7 +314,10 @@ class SamplePlan:
 
     def run(self, seed: int, indices: List[int], labels: torch.Tensor, device
             ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """-> (decoder input: embeddings [B, n, C] or tokens [B, m], tokens [B, m] int64)."""
+        """-> (decoder input: embeddings [B, n, C] or tokens [B, m], tokens [B, m] int64).
+        labels: class labels [B], or caption indices [B] into `captions`."""
+        if self.captions is not None and self.kind != "onestep":   # onestep's marginals are per caption index
+            labels = self.captions.caption(labels).to(device)
         return SAMPLERS[self.kind].run(self, seed, indices, labels, device)
 
     def describe(self) -> str:

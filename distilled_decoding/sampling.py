@@ -16,6 +16,7 @@ import torch
 
 from teachers.base import SamplingConfig, Teacher
 
+from .captions import captions_for_teacher
 from .distributed import device_option_check, dist_info, finish_distributed, init_distributed
 from .images import labelled_rows, save_png, to_uint8
 from .pairs import generate_pairs
@@ -177,9 +178,13 @@ def _fail(msg) -> None:
 @click.option("--verify", "verify", is_flag=True, default=False,
               help="Only check OUT: shard sizes, sha256 and labels, and samples.npz / tokens.npy against the shards.")
 @click.option("--no-progress", is_flag=True, default=False, help="No progress bar.")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Text-to-image: the prompt file (samples cycle over the prompts as --labels says; prompts.txt lists them).")
+@click.option("--caption-features", "caption_features", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Text-to-image: the official feature files, <DIR>/<prompt file stem>/<line>.npy [1, n, D].")
 def sample_cmd(out, run, steps, timesteps, split, snap, regen, baseline, skip_fill, data, marginal, compare,
                num_samples, batch_size, seed, labels, device, png, grid_max, ema, warmup, cfg_scale,
-               temperature, top_k, top_p, shard_size, verify, no_progress):
+               temperature, top_k, top_p, shard_size, verify, no_progress, prompts, caption_features):
     """Sample with a DD student (1/2-step, teacher-mixed) or a baseline; write images, tokens, timing.
 
     \b
@@ -242,11 +247,14 @@ def sample_cmd(out, run, steps, timesteps, split, snap, regen, baseline, skip_fi
                       "shards); finish it by re-running its `dd build-dataset` command")
             teacher = TeacherSpec.from_dict(m["teacher_spec"]).load(device)
             sampling = _sampling(teacher, m["settings"].get("sampling"), overrides)
-        check_label_spec(labels, teacher.num_classes)
+        captions = captions_for_teacher(teacher, prompts, caption_features)
+        check_label_spec(labels, teacher.num_classes if captions is None else len(captions))
         trained = tuple(student.config.timesteps) if student is not None else ()
         if split is None and student is not None:
             split = int(student.config.split)
         if compare:
+            if captions is not None:
+                _fail("--compare is class-conditional only; sample a text-to-image run without it")
             return _compare(out, student, teacher, info, trained, split, snap, regen, sampling, seed,
                             num_samples, labels, device)
         if baseline == "onestep":
@@ -276,6 +284,7 @@ def sample_cmd(out, run, steps, timesteps, split, snap, regen, baseline, skip_fi
                     _fail(f"--steps {k}: the run was trained for {len(trained)} timestep(s) {list(trained)}")
                 ts = check_timesteps(trained[:k], teacher.num_steps)
             plan = SamplePlan("dd", teacher, student, timesteps=ts, split=split, snap=snap)
+        plan = dataclasses.replace(plan, captions=captions)
         settings = sample_settings(plan, seed=seed, labels=labels, shard_size=shard_size, run=run, ema=ema,
                                    data=data, marginal=marginal)
         build_samples(out, plan, settings, num_samples=num_samples, batch_size=batch_size, device=device,

@@ -21,6 +21,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from teachers.base import Caption
+
 from .schedule import default_schedule, offsets_of, prefix_mask
 from .student_history import HistoryCache
 from .student_backbones import BACKBONES, backbone_class
@@ -123,7 +125,8 @@ class DDStudent(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor,
                 history: Optional[HistoryCache] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, n, C] fp32 (data rows before step_offsets[t−1], noise after); labels: [B] int64;
+        """x: [B, n, C] fp32 (data rows before step_offsets[t−1], noise after); labels: [B] int64
+        (a text-to-image student: a `teachers.base.Caption`);
         t: [B] int64 paper timesteps -> (logits [B, n, V] fp32, emb [B, n, C] fp32); output i
         predicts clean token i. history: a DD-H student's cache (`new_history`): x is block
         `history.step` of the trajectory, which the call then advances. A 4-d x [B, K, n, C] with t the
@@ -135,8 +138,8 @@ class DDStudent(nn.Module):
             raise ValueError(f"x has {C} channels, the codebook {self.config.codebook_dim}")
         t = t.to(x.device).long().reshape(B)
         if history is None:
-            return self.backbone(x, labels.to(x.device).long(), self.data_mask(t, n))
-        return self.backbone(x, labels.to(x.device).long(), self.data_mask(t, n), history=history)
+            return self.backbone(x, as_condition(labels, x.device), self.data_mask(t, n))
+        return self.backbone(x, as_condition(labels, x.device), self.data_mask(t, n), history=history)
 
     def forward_blocks(self, xs: torch.Tensor, labels: torch.Tensor, ts: Sequence[int]
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +150,14 @@ class DDStudent(nn.Module):
             raise ValueError(f"{K} blocks but {len(ts)} timesteps")
         t = torch.tensor([int(v) for v in ts], device=xs.device).repeat(B)     # [B·K]
         is_data = self.data_mask(t, n).view(B, K, n)
-        return self.backbone.forward_blocks(xs, labels.to(xs.device).long(), is_data)
+        return self.backbone.forward_blocks(xs, as_condition(labels, xs.device), is_data)
+
+
+def as_condition(labels, device):
+    """Class labels [B] -> int64 on `device`; a Caption (text-to-image) -> moved to `device`."""
+    if isinstance(labels, Caption):
+        return labels.to(device)
+    return labels.to(device).long()
 
 
 # ---- building ---------------------------------------------------------------------------------

@@ -13,6 +13,16 @@ State-dict keys are the released ones (`cls_embedding.embedding_table.weight`, `
 bias}`, `layers.*`, `norm.weight`, `output.weight`, `final_layer_conti.{linear.*, scale_shift_table}`,
 `n_d_embed.weight`); the RoPE table is a derived, non-persistent buffer.
 
+Text-to-image (`model_type="t2i"`; the authors released no t2i student, so this keeps the layout's
+rules): the condition is a `teachers.base.Caption` wherever `labels` stands. Its T = cls_token_num
+caption slots come first (features times the mask, through the teacher's CaptionEmbedder `cap_proj`;
+the null caption `uncond_embedding` is kept but unused: no CFG, the student learns the guided
+teacher's flow map), with the teacher's zero RoPE rows; attention is `condition_attention_mask` (causal,
+padded caption slots blocked as keys) over caption + tokens; the caption slots' outputs are dropped.
+`final_layer_conti` is conditioned on the mean of the caption embeddings over the real slots. DD-H is
+class-conditional only. With zero RoPE rows and the padding masked, a left- and a right-padded caption
+give the same token outputs.
+
 Initialisation from the teacher: cls_embedding, layers, norm, output copied. `tok_embeddings` is the
 least-squares fit of the teacher's token table on the codebook, (W, b) = argmin ‖codebook·Wᵀ + b − E‖
 (the authors start it at random); so a data row c_j enters the network as (nearly) the teacher's
@@ -26,8 +36,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from teachers.llamagen import (GPT_IGNORE, Attention, GPTConfig, LabelEmbedder, RMSNorm, RopeTable, TransformerBlock,
-                               apply_rope)
+from teachers.base import Caption
+from teachers.llamagen import (GPT_IGNORE, Attention, CaptionEmbedder, GPTConfig, LabelEmbedder, RMSNorm, RopeTable,
+                               TransformerBlock, apply_rope, condition_attention_mask)
 
 from .student_history import (HistoryAttention, HistoryCache, HistoryForward, HistorySpec, history_options,
                               load_teacher_part)
@@ -76,20 +87,23 @@ class LlamaGenDD(HistoryForward, RopeTable, nn.Module):
     def __init__(self, cfg: GPTConfig, codebook_dim: int, history: Optional[str] = None,
                  lower_layers: Optional[int] = None, history_steps: Optional[int] = None):
         super().__init__()
-        if cfg.model_type != "c2i":   # the caption-conditioned student is issue 18's next part
-            raise ValueError(f"the DD student is class-conditional only; got a model_type="
-                             f"{cfg.model_type!r} LlamaGen config")
+        self.text_conditional = cfg.model_type == "t2i"
+        if self.text_conditional and history is not None:
+            raise ValueError("DD-H (--history) is class-conditional only; train a t2i student without it")
         self.history_opts = history_options(cfg.n_layer, history, lower_layers, history_steps)
         self.config = cfg
         self.codebook_dim = codebook_dim
-        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
+        if self.text_conditional:
+            self.cls_embedding = CaptionEmbedder(cfg.caption_dim, cfg.dim, cfg.cls_token_num)
+        else:
+            self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
         self.tok_embeddings = nn.Linear(codebook_dim, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.final_layer_conti = FinalLayer(cfg.dim, codebook_dim)
         self.n_d_embed = nn.Embedding(2, cfg.dim)
-        # [1 + block_size, hd/2, 2] fp32 (class row zero); derived, not in the state dict
+        # [T + block_size, hd/2, 2] fp32 (condition rows zero; T = cls_token_num); derived, not in the state dict
         self.register_buffer("freqs_cis", self._rope(None), persistent=False)
         self.history = None
         if self.history_opts:       # DD-H (student_history.py): step embedding and history gates, zero at init
@@ -165,28 +179,52 @@ class LlamaGenDD(HistoryForward, RopeTable, nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.final_layer_conti.scale_shift_table, std=self.config.dim ** -0.5)
+        if self.text_conditional:   # replaced by the teacher's in from_teacher
+            nn.init.normal_(self.cls_embedding.uncond_embedding, std=self.config.caption_dim ** -0.5)
 
     # -- forward --------------------------------------------------------------------------------
-    def _embed(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
-               ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, n, C]; labels: [B]; is_data: [B, n] bool -> (layer input [B, 1 + n, dim], class
-        embedding [B, 1, dim])."""
+    def _condition(self, labels) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """labels [B] (or t2i: a Caption [B, T, caption_dim]) -> (slot inputs [B, T, dim], the head's
+        condition [B, 1, dim], caption mask [B, T] bool or None)."""
+        if not self.text_conditional:
+            if isinstance(labels, Caption):
+                raise ValueError("a class-conditional student takes class labels, not a Caption")
+            cond = self.cls_embedding(labels)                                 # [B, 1, dim]
+            return cond, cond, None
+        if not isinstance(labels, Caption):
+            raise ValueError("a text-to-image student takes a Caption (features [B, T, D] and mask), not labels")
+        T, D = self.config.cls_token_num, self.config.caption_dim
+        if tuple(labels.features.shape[1:]) != (T, D):
+            raise ValueError(f"caption features {tuple(labels.features.shape)}, the student takes [B, {T}, {D}]")
+        w = self.cls_embedding.uncond_embedding
+        mask = labels.mask.to(w.device)
+        slots = self.cls_embedding(labels.features.to(w.device, w.dtype) * mask[..., None])   # [B, T, dim]
+        m = mask[..., None].to(slots.dtype)
+        pooled = (slots * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1)      # [B, 1, dim]
+        return slots, pooled, mask
+
+    def _embed(self, x: torch.Tensor, labels, is_data: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """x: [B, n, C]; labels: [B] (t2i: Caption); is_data: [B, n] bool -> (layer input [B, T + n, dim],
+        the head's condition [B, 1, dim], attention mask [B, 1, T + n, T + n] or None = causal)."""
         B, n, _ = x.shape
         if n > self.config.block_size:
             raise ValueError(f"{n} tokens exceed block_size {self.config.block_size}")
-        cond = self.cls_embedding(labels)                                     # [B, 1, dim]
-        h = torch.cat([cond.to(self.tok_embeddings.weight.dtype), self.tok_embeddings(x)], dim=1)
-        types = torch.cat([torch.ones_like(is_data[:, :1]), is_data], dim=1).long()   # [B, 1 + n]
-        return h + self.n_d_embed(types), cond
+        slots, cond, key_ok = self._condition(labels)
+        T = slots.shape[1]
+        h = torch.cat([slots.to(self.tok_embeddings.weight.dtype), self.tok_embeddings(x)], dim=1)
+        types = torch.cat([torch.ones_like(is_data[:, :1]).expand(B, T), is_data], dim=1).long()  # [B, T + n]
+        mask = None if key_ok is None else condition_attention_mask(key_ok, 0, T + n)
+        return h + self.n_d_embed(types), cond, mask
 
     def hidden(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """x: [B, n, C]; labels: [B]; is_data: [B, n] bool -> (h [B, 1 + n, dim] before `norm`,
         class embedding [B, 1, dim])."""
-        h, cond = self._embed(x, labels, is_data)
+        h, cond, mask = self._embed(x, labels, is_data)
         rope = self.freqs_cis[: h.shape[1]]
         for layer in self.layers:
-            h = layer(h, rope)                                                # causal
+            h = layer(h, rope, mask)                                          # causal (t2i: caption mask)
         return h, cond
 
     def hidden_blocks(self, xs: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
@@ -197,7 +235,7 @@ class LlamaGenDD(HistoryForward, RopeTable, nn.Module):
         RoPE positions."""
         B, K, n, C = xs.shape
         spec = self._spec(K)
-        h, cond = self._embed(xs.reshape(B * K, n, C), labels.repeat_interleave(K), is_data.reshape(B * K, n))
+        h, cond, _ = self._embed(xs.reshape(B * K, n, C), labels.repeat_interleave(K), is_data.reshape(B * K, n))
         L, D = h.shape[1:]
         h = (h.view(B, K, L, D) + self.step_embed[None, :K, :L])
         rope = self.freqs_cis[:L]
@@ -217,7 +255,7 @@ class LlamaGenDD(HistoryForward, RopeTable, nn.Module):
         the lower layers attend to the cached earlier blocks and cache this one's keys/values."""
         self._spec(1)
         k = cache.check()
-        h, cond = self._embed(x, labels, is_data)
+        h, cond, _ = self._embed(x, labels, is_data)
         L = h.shape[1]
         h = h + self.step_embed[k, :L]
         rope = self.freqs_cis[:L]
@@ -227,8 +265,8 @@ class LlamaGenDD(HistoryForward, RopeTable, nn.Module):
         return h, cond
 
     def _heads(self, h: torch.Tensor, cond: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """h [..., 1 + n, dim] (class slot first); cond [B, 1, dim] -> (logits [..., n, V], emb [..., n, C])."""
-        h = h[..., 1:, :]
+        """h [..., T + n, dim] (condition slots first); cond [B, 1, dim] -> (logits [..., n, V], emb [..., n, C])."""
+        h = h[..., self.config.cls_token_num:, :]
         logits = self.output(self.norm(h)).float()
         shape = h.shape
         emb = self.final_layer_conti(h.reshape(shape[0], -1, shape[-1]), cond).float()

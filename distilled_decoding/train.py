@@ -179,11 +179,14 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
 
     codebook = student.codebook
     offsets = student.step_offsets
+    captions = pairs.captions
 
     def loss_fn(model: torch.nn.Module, batch: dict):
         noise = batch["noise"].to(device, non_blocking=True).float()
         tokens = batch["tokens"].to(device, non_blocking=True).long()
         labels = batch["label"].to(device, non_blocking=True).long()
+        if captions is not None:           # text-to-image: the pair's caption index -> its Caption
+            labels = captions.caption(labels).to(device)
         if args.history is not None:       # every timestep of the trajectory, teacher-forced
             return dd_h_loss(model, noise, tokens, labels, cfg.timesteps, codebook=codebook, step_offsets=offsets,
                              lambda_ce=args.lambda_ce, lambda_emb=args.lambda_emb, emb_loss=emb_loss)

@@ -124,3 +124,85 @@ def test_build_with_captions_resumes_byte_identically_and_verifies(tiny, tmp_pat
     prompts.write_text("x\ny\nz\n")
     r = build_cli(spec, out, prompts, feats)
     assert r.exit_code != 0 and "condition.prompts_sha256" in r.output
+
+
+# ---- the t2i student ----------------------------------------------------------------------------
+def padded(features, n, left=True):
+    """features [B, T, D] of n real tokens -> Caption left- (real tokens last) or right-padded."""
+    from teachers.base import Caption
+    B, T, _ = features.shape
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    f = torch.zeros_like(features)
+    sl = slice(T - n, T) if left else slice(0, n)
+    f[:, sl], mask[:, sl] = features[:, :n], True
+    return Caption(f, mask)
+
+
+def test_student_handles_padded_captions(tiny):
+    from distilled_decoding.student import build_student
+    _, teacher = tiny
+    student = build_student(teacher, seed=0).eval()
+    bb, gpt = student.backbone, teacher.gpt
+    assert torch.equal(bb.cls_embedding.cap_proj.fc1.weight, gpt.cls_embedding.cap_proj.fc1.weight)
+    assert torch.equal(bb.cls_embedding.uncond_embedding, gpt.cls_embedding.uncond_embedding)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 4, 8, generator=g)
+    x = torch.randn(2, 16, student.config.codebook_dim, generator=g)
+    t = torch.tensor([1, 5])
+    with torch.no_grad():
+        left, e_left = student(x, padded(feats, 2), t)
+        right, e_right = student(x, padded(feats, 2, left=False), t)
+        junk = padded(feats, 2)
+        junk.features[:, :2] = 7.0                                        # values under the mask never count
+        again, _ = student(x, junk, t)
+        full, _ = student(x, padded(feats, 4), t)                         # two more real tokens: a change
+    # zero RoPE rows on the caption slots and padded keys blocked: where the padding sits is invisible
+    assert torch.allclose(left, right, atol=1e-5) and torch.allclose(e_left, e_right, atol=1e-5)
+    assert torch.equal(left, again)
+    assert (left - full).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="takes a Caption"):
+        student(x, torch.tensor([0, 1]), t)
+
+
+def test_t2i_student_checkpoint_loads_strictly(tiny):
+    from distilled_decoding.student import build_backbone_loaded, build_student
+    from teachers.checkpoint import CheckpointMismatchError
+    from tiny_teachers import TINY
+    _, teacher = tiny
+    student = build_student(teacher, seed=0)
+    state = student.backbone.state_dict()
+    assert "cls_embedding.cap_proj.fc2.weight" in state and "cls_embedding.uncond_embedding" in state
+    loaded = build_backbone_loaded(student.config, state)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in state.items())
+    c2i = type(student.config).from_dict(dict(student.config.to_dict(), model=TINY["llamagen"][0]))
+    with pytest.raises(CheckpointMismatchError, match="cls_embedding"):
+        build_backbone_loaded(c2i, state)
+
+
+def test_build_train_sample_eval_with_captions(tiny, tmp_path):
+    from distilled_decoding.cli import main
+    spec, _ = tiny
+    prompts, feats = write_prompts(tmp_path)
+    data, run, out = tmp_path / "D", tmp_path / "R", tmp_path / "S"
+    assert build_cli(spec, data, prompts, feats).exit_code == 0
+
+    def dd(*args):
+        r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    dd("train", "--data", data, "--out", run, "--max-steps", 2, "--batch-size", 4, "--ckpt-every", 2,
+       "--log-every", 1, "--num-workers", 0, "--device", "cpu", "--no-progress")
+    dd("sample", "--run", run, "--out", out, "--num-samples", 4, "--batch-size", 4, "--device", "cpu",
+       "--no-progress", "--prompts", prompts, "--caption-features", feats)
+    assert (out / "grid.png").exists()
+    lines = (out / "prompts.txt").read_text().splitlines()
+    assert len(lines) == 4 and {ln.split("\t")[1] for ln in lines[:3]} == set(PROMPTS)
+    z = np.load(out / "samples.npz")
+    assert z["arr_0"].shape[0] == 4 and set(z["arr_1"][:3].tolist()) == {0, 1, 2}
+    # a student of a text-to-image teacher needs the captions
+    r = CliRunner().invoke(main, ["sample", "--run", str(run), "--out", str(tmp_path / "S2"), "--device", "cpu"])
+    assert r.exit_code != 0 and "give --prompts" in r.output and not (tmp_path / "S2").exists()
+    res = dd("eval", out / "samples.npz", "--ref", out / "samples.npz", "--extractor", "digits", "--device", "cpu",
+             "--k", 1, "--splits", 1, "--workers", 1)
+    assert "FID" in res

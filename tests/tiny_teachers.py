@@ -10,19 +10,22 @@ TINY = {
             dict(V=64, Cvae=4, ch=32, ch_mult=[1, 1], num_res_blocks=1, patch_nums=[1, 2, 3]),
             ("var", "vae")),
 }
-# text-to-image LlamaGen: 4 caption slots of dimension 8 (the tokenizer is the c2i one's)
-TINY["llamagen-t2i"] = (dict(TINY["llamagen"][0], model_type="t2i", caption_dim=8, cls_token_num=4),
-                        TINY["llamagen"][1], TINY["llamagen"][2])
+# text-to-image LlamaGen: 4 caption slots of dimension 8, 16x16 images (so that the digits extractor
+# reads them). Not in TINY, whose families every class-conditional pipeline test runs.
+TINY_T2I = {"llamagen-t2i": (dict(TINY["llamagen"][0], model_type="t2i", caption_dim=8, cls_token_num=4),
+                             dict(TINY["llamagen"][1], encoder_ch_mult=[1, 1, 1], decoder_ch_mult=[1, 1, 1]),
+                             TINY["llamagen"][2])}
 
 
 def saved_teacher(family, directory, seed=0, edit=None):
-    """A random tiny teacher of `family` (a TINY key: "llamagen-t2i" is a LlamaGen teacher) whose weights live in checkpoint files under `directory`
+    """A random tiny teacher of `family` (a TINY or TINY_T2I key) whose weights live in checkpoint files
+    under `directory`
     -> (TeacherSpec pointing at the files, the teacher loaded back from them).
     edit: optional callable applied to the random teacher before it is saved."""
     import torch
     from distilled_decoding.teacher_spec import TeacherSpec
 
-    cfg, tok_cfg, parts = TINY[family]
+    cfg, tok_cfg, parts = {**TINY, **TINY_T2I}[family]
     family = family.split("-")[0]
     torch.manual_seed(seed)
     t = TeacherSpec(family, cfg, tokenizer_config=tok_cfg).load("cpu")
