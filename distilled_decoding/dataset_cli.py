@@ -78,7 +78,8 @@ def flow_map_options(f):
 @click.option("--device", default=None, callback=device_option_check, help="cpu, cuda, cuda:1 ... Default: cuda when available.")
 @click.option("--no-progress", is_flag=True, default=False, help="No progress bar.")
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Text-to-image teachers: the prompt file (one prompt a line; pairs cycle over them as --labels says).")
+              help="Text-to-image teachers: the prompt file (one prompt a line; pairs cycle over "
+              "them as --labels says).")
 @click.option("--caption-features", "caption_features", type=click.Path(exists=True, file_okay=False), default=None,
               help="Text-to-image teachers: the official feature files, <DIR>/<prompt file stem>/<line>.npy [1, n, D].")
 @flow_map_options

@@ -179,7 +179,8 @@ def _fail(msg) -> None:
               help="Only check OUT: shard sizes, sha256 and labels, and samples.npz / tokens.npy against the shards.")
 @click.option("--no-progress", is_flag=True, default=False, help="No progress bar.")
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Text-to-image: the prompt file (samples cycle over the prompts as --labels says; prompts.txt lists them).")
+              help="Text-to-image: the prompt file (samples cycle over the prompts as --labels says; "
+              "prompts.txt lists them).")
 @click.option("--caption-features", "caption_features", type=click.Path(exists=True, file_okay=False), default=None,
               help="Text-to-image: the official feature files, <DIR>/<prompt file stem>/<line>.npy [1, n, D].")
 def sample_cmd(out, run, steps, timesteps, split, snap, regen, baseline, skip_fill, data, marginal, compare,

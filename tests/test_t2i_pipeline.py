@@ -1,6 +1,9 @@
 """Text-to-image LlamaGen through the pipeline (issue 18): prompts + official caption-feature files into
 `dd build-dataset` (bad inputs refused in one line, writing nothing; byte-identical resume; verify)."""
+import hashlib
+import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,8 +16,6 @@ from distilled_decoding.dataset_check import verify_dataset
 from distilled_decoding.dataset_cli import build_dataset_command
 from distilled_decoding.pairs import read_manifest
 from tiny_teachers import saved_teacher
-
-import json
 
 PROMPTS = ["a red square", "two dots", "a thick slanted seven"]
 LENGTHS = [2, 4, 3]          # real caption tokens of each prompt (the tiny teacher has 4 slots of dim 8)
@@ -89,7 +90,6 @@ def test_bad_caption_inputs_one_line_and_nothing_written(tiny, tmp_path, case, m
     assert r.exit_code != 0
     msg = r.output.strip()
     assert len(msg.splitlines()) == 1 and msg.startswith("Error: "), msg
-    import re
     assert re.search(match, msg), msg
     assert not out.exists()
 
@@ -102,7 +102,6 @@ def test_build_with_captions_resumes_byte_identically_and_verifies(tiny, tmp_pat
     files = {f: (out / f).read_bytes() for f in sorted(os.listdir(out))}
     m = read_manifest(str(out))
     cond = m["settings"]["condition"]
-    import hashlib
     assert cond["prompts_sha256"] == hashlib.sha256(prompts.read_bytes()).hexdigest()
     assert m["settings"]["num_classes"] == 3 and SIDE_FILE in m["side_files"]
     # interrupted: drop the last shard and the final manifest's completeness, resume -> same bytes
@@ -120,6 +119,12 @@ def test_build_with_captions_resumes_byte_identically_and_verifies(tiny, tmp_pat
     ds = PairDataset(str(out))
     assert read_side_table(str(out)).prompts == PROMPTS
     assert sorted(int(ds[i]["label"]) for i in range(3)) == [0, 1, 2]     # balanced over the prompts
+    # a damaged caption table: named by verify, rewritten (same bytes) by a resume
+    (out / SIDE_FILE).write_bytes(b"x" + files[SIDE_FILE][1:])
+    assert any("side file captions.safetensors is corrupt" in p for p in verify_dataset(str(out), log=lambda s: None))
+    r = build_cli(spec, out, prompts, feats)
+    assert r.exit_code == 0 and "rewriting it" in r.output
+    assert (out / SIDE_FILE).read_bytes() == files[SIDE_FILE]
     # other prompts: refused, naming the condition setting
     prompts.write_text("x\ny\nz\n")
     r = build_cli(spec, out, prompts, feats)
