@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import torch  # noqa: E402
 
-from distilled_decoding.demo import run_dd  # noqa: E402
+from distilled_decoding.csd_train import csd_train_command  # noqa: E402
+from distilled_decoding.demo import run_dd, run_verb  # noqa: E402
 from run_ddh_table import SIZE, sample_and_evaluate, splice, train_argv, train_seconds  # noqa: E402
 
 
@@ -72,7 +73,10 @@ def main() -> None:
     def train(run: str, cmd: list) -> None:
         commands.append("dd " + " ".join(cmd))
         if not os.path.exists(os.path.join(run, "config.json")):
-            run_dd(cmd)
+            if cmd[0] == "csd":
+                run_verb({"train": csd_train_command}, cmd[1:], print, group="dd csd")
+            else:
+                run_dd(cmd)
 
     dd1 = os.path.join(out, "dd1")
     train(dd1, train_argv(data, dd1, size, seed) + ["--timesteps", "1", "--split", str(S)])
