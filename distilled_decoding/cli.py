@@ -101,3 +101,4 @@ from .sampling import sample_cmd; main.add_command(sample_cmd)  # noqa: E402,E70
 from .train import train_command; main.add_command(train_command)  # noqa: E402,E702  dd train
 from .demo import demo_cmd; main.add_command(demo_cmd)  # noqa: E402,E702  dd demo
 from .ard_cli import ard_group; main.add_command(ard_group)  # noqa: E402,E702  dd ard build-dataset|verify|info|train|sample|demo
+from .csd_train import csd_group; main.add_command(csd_group)  # noqa: E402,E702  dd csd train

@@ -28,6 +28,9 @@ from .student_history import HistoryCache
 from .student_backbones import BACKBONES, backbone_class
 
 
+OUTPUTS = ("embedding", "velocity")
+
+
 # ---- config -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StudentConfig:
@@ -37,7 +40,9 @@ class StudentConfig:
     (official GPTConfig / VARConfig names; the backbone derives its own shapes from it);
     codebook_dim: C; vocab_size: V; timesteps: training timesteps (paper notation, e.g. (1, 81));
     split: AR steps < split take the logits head at sampling time; options: family options of the
-    backbone (VAR: {"layerwise_n_d_embed": True}).
+    backbone (VAR: {"layerwise_n_d_embed": True}); output: what the embedding head's value is,
+    "embedding" (the token embedding itself, DD) or "velocity" (v with embedding = x − v, x the input
+    row: DD2's generator parameterisation, App. E.1; x is the noise at a one-step generator's t = 1).
     """
 
     family: str
@@ -47,6 +52,7 @@ class StudentConfig:
     timesteps: tuple
     split: int
     options: dict = field(default_factory=dict)
+    output: str = "embedding"
 
     def __post_init__(self):
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
@@ -55,6 +61,8 @@ class StudentConfig:
             raise ValueError(f"unknown student family {self.family!r}; choose from {sorted(BACKBONES)}")
         if not self.timesteps or min(self.timesteps) < 1:
             raise ValueError(f"timesteps are 1-indexed AR steps (t = 1: pure noise), got {self.timesteps}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"unknown student output {self.output!r}; choose from {OUTPUTS}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -138,8 +146,12 @@ class DDStudent(nn.Module):
             raise ValueError(f"x has {C} channels, the codebook {self.config.codebook_dim}")
         t = t.to(x.device).long().reshape(B)
         if history is None:
-            return self.backbone(x, as_condition(labels, x.device), self.data_mask(t, n))
-        return self.backbone(x, as_condition(labels, x.device), self.data_mask(t, n), history=history)
+            logits, emb = self.backbone(x, as_condition(labels, x.device), self.data_mask(t, n))
+        else:
+            logits, emb = self.backbone(x, as_condition(labels, x.device), self.data_mask(t, n), history=history)
+        if self.config.output == "velocity":
+            emb = x.float() - emb
+        return logits, emb
 
     def forward_blocks(self, xs: torch.Tensor, labels: torch.Tensor, ts: Sequence[int]
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -162,11 +174,12 @@ def as_condition(labels, device):
 
 # ---- building ---------------------------------------------------------------------------------
 def build_student(teacher, timesteps: Optional[Sequence[int]] = None, split: Optional[int] = None,
-                  seed: int = 0, **opts) -> DDStudent:
+                  seed: int = 0, output: str = "embedding", **opts) -> DDStudent:
     """A student initialised from `teacher` (a `teachers.base.Teacher`) on the teacher's device.
 
     timesteps / split: None = the paper's defaults scaled to the teacher (`default_schedule`).
     seed: seeds the initialisation of the new tensors (the same student on every rank).
+    output: "embedding" (DD) or "velocity" (DD2's generator: embedding = input − head output).
     opts: backbone options (VAR: layerwise_n_d_embed=True; DD-H: history="none"|"noise"|"all",
     lower_layers=N, whose history_steps is the number of timesteps).
     """
@@ -177,8 +190,9 @@ def build_student(teacher, timesteps: Optional[Sequence[int]] = None, split: Opt
     split = d_split if split is None else split
     if max(timesteps) > teacher.num_steps:
         raise ValueError(f"timesteps {tuple(timesteps)} exceed the teacher's {teacher.num_steps} AR steps")
-    if not 1 <= split <= teacher.num_steps:
-        raise ValueError(f"--split {split}: must be an AR step in [1, {teacher.num_steps}] of this teacher")
+    if not 0 <= split <= teacher.num_steps:
+        raise ValueError(f"--split {split}: must be in [0, {teacher.num_steps}] for this teacher "
+                         "(0: the embedding head at every step)")
     if opts.get("history") is not None:
         opts = dict(opts, history_steps=len(timesteps))
     codebook = teacher.codebook.float()
@@ -188,7 +202,7 @@ def build_student(teacher, timesteps: Optional[Sequence[int]] = None, split: Opt
         backbone = cls.from_teacher(teacher, **opts)
     config = StudentConfig(family=teacher.family, model=model, codebook_dim=codebook.shape[1],
                            vocab_size=codebook.shape[0], timesteps=tuple(timesteps), split=split,
-                           options=backbone.options())
+                           options=backbone.options(), output=output)
     return DDStudent(config, backbone.to(dev), codebook)
 
 

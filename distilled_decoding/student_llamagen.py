@@ -217,10 +217,11 @@ class LlamaGenDD(HistoryForward, RopeTable, nn.Module):
         mask = None if key_ok is None else condition_attention_mask(key_ok, 0, T + n)
         return h + self.n_d_embed(types), cond, mask
 
-    def hidden(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
+    def hidden(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor, block_causal: bool = False
                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """x: [B, n, C]; labels: [B]; is_data: [B, n] bool -> (h [B, 1 + n, dim] before `norm`,
-        class embedding [B, 1, dim])."""
+        class embedding [B, 1, dim]). block_causal: accepted for the VAR backbone's signature (LlamaGen's
+        DD mask is the teacher's causal one)."""
         h, cond, mask = self._embed(x, labels, is_data)
         rope = self.freqs_cis[: h.shape[1]]
         for layer in self.layers:

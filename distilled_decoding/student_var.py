@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from teachers.var import (VAR_IGNORE, AdaLNBeforeHead, AdaLNSelfAttn, SelfAttention, SharedAdaLin, VARConfig,
-                          init_linear_embedding_, level_ids)
+                          block_causal_bias, init_linear_embedding_, level_ids)
 
 from .student_history import (HistoryAttention, HistoryCache, HistoryForward, HistorySpec, history_options,
                               load_teacher_part)
@@ -226,12 +226,13 @@ class VARDD(HistoryForward, nn.Module):
     def _out(self, h: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
         return h.float() + self._n_d(len(self.blocks)).float()[types]
 
-    def hidden(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor
+    def hidden(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor, block_causal: bool = False
                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """x: [B, n, Cvae] (n = teacher L); labels: [B]; is_data: [B, n] bool -> (h [B, 1 + n, C]
-        after the blocks and the last type embedding, i.e. what both heads read, fp32; cond [B, C])."""
+        after the blocks and the last type embedding, i.e. what both heads read, fp32; cond [B, C]).
+        block_causal: the teacher's mask (a slot sees its own and earlier levels) instead of DD's."""
         h, cond, types = self._embed(x, labels, is_data)
-        bias = self.attn_bias_for_masking
+        bias = block_causal_bias(self.lvl_1L[0]) if block_causal else self.attn_bias_for_masking
         bc = self.shared_ada_lin(cond)
         for i, b in enumerate(self.blocks):
             h = b(h, bc, attn_bias=bias, add_after_attn=self._n_d(i)[types])

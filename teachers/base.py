@@ -202,6 +202,20 @@ class Teacher(nn.Module):
         """
         raise NotImplementedError
 
+    @torch.no_grad()
+    def sequence_probs(self, labels: torch.Tensor, tokens: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+        """Teacher-forced sampling view: labels [B], tokens [B, n] -> [B, n, V] fp32, row i the
+        probabilities `step_probs` gives token i's step after the earlier steps' tokens were fed (CFG,
+        temperature, top-k/p applied). This default runs the stepping loop; families may override it
+        with one forward."""
+        offs = self.step_offsets
+        state = self.start(labels, sampling)
+        out = []
+        for s in range(self.num_steps):
+            out.append(self.step_probs(state))
+            self.feed(state, tokens[:, offs[s]:offs[s + 1]])
+        return torch.cat(out, 1)
+
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, n] int64, or continuous embeddings [B, n, C] -> images [B, 3, H, W] in [0, 1]."""
         raise NotImplementedError

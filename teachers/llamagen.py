@@ -674,6 +674,18 @@ class LlamaGenTeacher(Teacher):
         return self.gpt(cond, tokens.to(self.device).long(), key_ok)
 
     @torch.no_grad()
+    def sequence_probs(self, labels: torch.Tensor, tokens: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+        """`Teacher.sequence_probs` in one teacher-forced forward (two with CFG) instead of n cached steps."""
+        labels, tokens = labels.to(self.device).long(), tokens.to(self.device).long()
+        cfg = sampling.cfg_scale > 1.0
+        cond = self._cond(labels, cfg)
+        logits = self.gpt(cond, torch.cat([tokens, tokens]) if cfg else tokens).float()     # [B', n, V]
+        B, n = tokens.shape
+        c, u = (logits[:B], logits[B:]) if cfg else (logits, None)
+        flat = probs_from_logits(c.reshape(B * n, -1), None if u is None else u.reshape(B * n, -1), sampling)
+        return flat.view(B, n, -1)
+
+    @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(self.device)
         if tokens.is_floating_point():                                   # [B, n, C] embeddings
