@@ -80,9 +80,11 @@ def latest_checkpoint(out: str) -> Optional[str]:
 
 
 def save_checkpoint(out: str, step: int, weights: Dict[str, Tuple[dict, dict]], optimizer_state: dict,
-                    state: dict, keep: int) -> str:
+                    state: dict, keep: int, other_optimizers: Optional[Dict[str, dict]] = None) -> str:
     """Write checkpoints/step-XXXXXXXX atomically (a temporary directory renamed into place) and keep
-    the newest `keep`. weights: {file stem: (state dict, safetensors metadata)}."""
+    the newest `keep`. weights: {file stem: (state dict, safetensors metadata)}; other_optimizers:
+    {name: state dict} of a second model's optimizers (a discriminator's), kept in optimizer.pt beside
+    the main one (under "optimizer")."""
     root = os.path.join(out, CKPT_DIR)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:08d}")
@@ -95,7 +97,9 @@ def save_checkpoint(out: str, step: int, weights: Dict[str, Tuple[dict, dict]], 
     os.makedirs(tmp)
     for stem, (sd, meta) in weights.items():
         save_state_dict(os.path.join(tmp, f"{stem}.safetensors"), sd, meta)
-    torch.save({"optimizer": optimizer_state}, os.path.join(tmp, OPTIMIZER_FILE))
+    if "optimizer" in (other_optimizers or {}):
+        raise ValueError("other_optimizers: the name 'optimizer' is the main optimizer's")
+    torch.save({"optimizer": optimizer_state, **(other_optimizers or {})}, os.path.join(tmp, OPTIMIZER_FILE))
     with open(os.path.join(tmp, STATE_FILE), "w") as f:
         json.dump(dict(state, step=step), f, indent=1, sort_keys=True)
         f.flush()
@@ -109,8 +113,9 @@ def save_checkpoint(out: str, step: int, weights: Dict[str, Tuple[dict, dict]], 
 
 
 def load_checkpoint(path: str, stems, device) -> Tuple[Dict[str, dict], dict, dict]:
-    """-> ({stem: state dict on `device`}, optimizer state dict, state.json). A file that does not
-    read back whole (truncated, corrupt) raises CheckpointFileError naming it."""
+    """-> ({stem: state dict on `device`}, {name: optimizer state dict} ("optimizer" the main one,
+    then save_checkpoint's other_optimizers), state.json). A file that does not read back whole
+    (truncated, corrupt) raises CheckpointFileError naming it."""
     from teachers.checkpoint import CheckpointFileError, check_finite, load_safetensors
     weights = {}
     for s in stems:
@@ -125,8 +130,12 @@ def load_checkpoint(path: str, stems, device) -> Tuple[Dict[str, dict], dict, di
             raise CheckpointFileError(f"{file}: not readable ({e.__class__.__name__}: "
                                       f"{(str(e).splitlines() or [''])[0]})") from e
 
-    opt = read(os.path.join(path, OPTIMIZER_FILE),
-               lambda f: torch.load(f, map_location=device, weights_only=True)["optimizer"])
+    def optimizers(file):
+        states = dict(torch.load(file, map_location=device, weights_only=True))
+        states["optimizer"]         # noqa: B018 - a file without the main state is damaged
+        return states
+
+    opt = read(os.path.join(path, OPTIMIZER_FILE), optimizers)
     state = read(os.path.join(path, STATE_FILE), lambda f: json.loads(open(f).read()))
     return weights, opt, state
 

@@ -95,9 +95,26 @@ class LoopArgs:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class SecondModel:
+    """A second model trained beside the first with its own optimizer, one update after each of the
+    first's (a GAN's discriminator). begin(step): before the micro-batches of update `step` (0-based),
+    e.g. to switch the adversarial term of the first's loss on; update(step) -> [len(names)] tensor:
+    after the first's optimizer step and EMA, its own update from what the loss function kept of this
+    step, returning the values to log. Its weights travel with the method's checkpoint_weights and
+    resume modules; `optimizer` is saved in optimizer.pt under `name` (resume_or_refuse's other_optimizers).
+    A resume re-enters begin/update at the same step, so the next losses are an uninterrupted run's."""
+
+    name: str
+    optimizer: torch.optim.Optimizer
+    names: Sequence[str]
+    begin: Callable[[int], None]
+    update: Callable[[int], torch.Tensor]
+
+
 LR_SCHEDULES = ("constant", "cosine")
 # Settings added to the stream after runs were made: a checkpoint that lacks them ran with these.
-STREAM_DEFAULTS = {"warmup_steps": 0, "lr_schedule": "constant"}
+STREAM_DEFAULTS = {"warmup_steps": 0, "lr_schedule": "constant", "disc_weight": 0.0}
 
 
 def lr_at(step: int, lr: float, warmup_steps: int = 0, schedule: str = "constant",
@@ -206,10 +223,12 @@ DATA_KEY = "data (manifest.json sha256)"
 
 def resume_or_refuse(out: str, resume: bool, modules: Dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
                      device, settings: Dict[str, object], stream_keys: Sequence[str], manifest_sha: str,
-                     log: Callable[[str], None]) -> int:
+                     log: Callable[[str], None], other_optimizers: Optional[Dict[str, torch.optim.Optimizer]] = None
+                     ) -> int:
     """The step to start from. resume: load the latest checkpoint of `out` into `modules` ({file stem:
-    module}, strictly) and `opt`, refusing when the run's settings named by `stream_keys` (those that
-    define the stream of batches and updates; state.json's "train") or its data set (state.json's
+    module}, strictly), `opt` and `other_optimizers` ({name: optimizer}, a second model's: see
+    SecondModel), refusing when the run's settings named by `stream_keys` (those that define the
+    stream of batches and updates; state.json's "train") or its data set (state.json's
     "data_manifest_sha256") differ from `settings` and `manifest_sha`. Without resume, a run directory
     that already holds checkpoints is refused."""
     ckpt = latest_checkpoint(out)
@@ -219,10 +238,14 @@ def resume_or_refuse(out: str, resume: bool, modules: Dict[str, torch.nn.Module]
         return 0
     if ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {os.path.join(out, CKPT_DIR)}")
-    weights, opt_state, state, ckpt = _load_intact(out, list(modules), device)
+    weights, opt_states, state, ckpt = _load_intact(out, list(modules), device)
     for stem, module in modules.items():
         module.load_state_dict(weights[stem], strict=True)
-    opt.load_state_dict(opt_state)
+    opt.load_state_dict(opt_states["optimizer"])
+    for name, other in (other_optimizers or {}).items():
+        if name not in opt_states:
+            raise ValueError(f"--resume: {ckpt} holds no optimizer state {name!r} (the run was made without it)")
+        other.load_state_dict(opt_states[name])
     if settings.get("lr_schedule", "constant") != "constant":
         stream_keys = (*stream_keys, "max_steps")       # the decay is stretched over the run's length
     stream = dict({k: settings[k] for k in stream_keys}, **{DATA_KEY: manifest_sha})
@@ -280,13 +303,14 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
                dataset: Dataset, part_names: Sequence[str], cfg: LoopConfig, out: str, rank: int, world: int,
                device: str, step: int, checkpoint_weights: Callable[[], dict], checkpoint_state: dict,
                on_checkpoint: Callable[[str, int], None], log: Callable[[str], None], desc: str = "train",
-               on_log: Optional[Callable[[dict], None]] = None) -> dict:
+               on_log: Optional[Callable[[dict], None]] = None, second: Optional[SecondModel] = None) -> dict:
     """Train `model` from `step` to cfg.max_steps; returns the last metrics record.
 
     dataset: items keyed by (epoch, position); loss_fn(model or its DDP wrapper, batch on the CPU) ->
     (loss, {name in part_names: [B]}); checkpoint_weights() -> save_checkpoint's `weights`;
     checkpoint_state: what state.json holds beside "metrics" and "step"; on_checkpoint(path, step):
-    rank 0, after each checkpoint (publish the run's files); on_log(record): rank 0, after each metrics line.
+    rank 0, after each checkpoint (publish the run's files); on_log(record): rank 0, after each metrics line;
+    second: a model updated after each step of `model` (SecondModel), its values logged beside the parts.
     """
     micro = micro_batch_size(cfg.batch_size, world, cfg.grad_accum)
     dev_type = torch.device(device).type
@@ -307,7 +331,8 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
     it = iter(loader)
     last = {}
     t_log, n_log = time.perf_counter(), 0
-    n_parts = 1 + len(part_names)
+    second_names = list(second.names) if second is not None else []
+    n_parts = 1 + len(part_names) + len(second_names)
     sums = torch.zeros(n_parts, device=device, dtype=torch.float64)      # loss and parts over the log window
     deterministic = torch.are_deterministic_algorithms_enabled()
     if dev_type == "cpu":
@@ -318,14 +343,16 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
     try:
         while step < cfg.max_steps:
             step_sums = torch.zeros(n_parts, device=device, dtype=torch.float64)
+            if second is not None:
+                second.begin(step)
             for k in range(cfg.grad_accum):
                 batch = next(it)
                 sync = k == cfg.grad_accum - 1 or world == 1
                 with (contextlib.nullcontext() if sync else net.no_sync()), autocast():
                     loss, parts = loss_fn(net, batch)
                 (loss / cfg.grad_accum).backward()
-                step_sums += torch.stack([loss.detach().double()]
-                                         + [parts[name].mean().double() for name in part_names]) / cfg.grad_accum
+                step_sums[:n_parts - len(second_names)] += torch.stack(
+                    [loss.detach().double()] + [parts[name].mean().double() for name in part_names]) / cfg.grad_accum
             step_sums = mean_over_ranks(step_sums, world)       # every rank sees the same NaN
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if not (bool(torch.isfinite(step_sums).all()) and bool(torch.isfinite(grad_norm))):
@@ -336,6 +363,11 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
             opt.step()
             opt.zero_grad(set_to_none=True)
             update_ema(ema, model, cfg.ema_decay)
+            if second is not None:
+                values = mean_over_ranks(second.update(step).detach().double().to(device), world)
+                if not bool(torch.isfinite(values).all()):
+                    raise _diverged(out, step + 1, second_names, values, torch.tensor(0.0))
+                step_sums[n_parts - len(second_names):] = values
             step += 1
             sums += step_sums
             n_log += 1
@@ -345,7 +377,7 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 now = time.perf_counter()
                 avg = (sums / n_log).tolist()
-                last = {"step": step, "loss": avg[0], **dict(zip(part_names, avg[1:])),
+                last = {"step": step, "loss": avg[0], **dict(zip([*part_names, *second_names], avg[1:])),
                         "grad_norm": float(grad_norm), "lr": lr,
                         "it_per_s": n_log / max(now - t_log, 1e-9),
                         "samples_per_s": n_log * cfg.batch_size / max(now - t_log, 1e-9)}
@@ -363,7 +395,8 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
                                   f"last good checkpoint: {latest_checkpoint(out)} (lower --lr)")
                 if rank == 0:
                     path = save_checkpoint(out, step, checkpoint_weights(), opt.state_dict(),
-                                           dict(checkpoint_state, metrics=last), cfg.keep_checkpoints)
+                                           dict(checkpoint_state, metrics=last), cfg.keep_checkpoints,
+                                           {second.name: second.optimizer.state_dict()} if second is not None else None)
                     on_checkpoint(path, step)
                 barrier(world)
     finally:

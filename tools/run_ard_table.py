@@ -12,6 +12,11 @@ draw and floor), its DDIM-4 and DDIM-2 from the same noise and the one-step KD s
     m4-n2, m4-n4        M4 in N = 2 / 4 lower blocks (N sweep)
     m1-s2, m4-s2        M1 / M4 with S = 2
     x0-m1, x0-m4        M1 / M4 on a second set whose history holds the teacher's x̂_0 (--history x0)
+    m1-ft, m4-ft        m1 / m4 fine-tuned --finetune-steps more on the regression loss alone (`--init`)
+    m1-d, m4-d          m1 / m4 fine-tuned as long with the discriminator stage (--disc-weight, --disc-start-step)
+
+A fine-tune row starts from its base row's finished run (`dd ard train --init`, a fresh optimizer), so
+`-ft` is the control that isolates what the discriminator adds to the same regression budget.
 
 Sampling, timing, scoring and the columns are `ard_demo.evaluate_methods` (the same code, seeds and
 reference draw as `dd ard demo`). Finished data sets, runs and sample sets in --out are re-used (all
@@ -51,12 +56,18 @@ class StudentRow:
     lower_layers: int
     num_steps: int = 4
     history: str = "state"
+    base: str = ""            # a fine-tune: the row whose run it starts from
+    disc: bool = False        # ... with the discriminator stage
 
-    def label(self) -> str:
+    def label(self, finetune_steps: int = 0, disc_weight: float = 0.0) -> str:
         what = "step distillation" if self.mask == "M1" else "ARD"
         hist = ", x̂_0 history" if self.history == "x0" else ""
         blocks = "" if self.mask == "M1" else f", N = {self.lower_layers}"
-        return f"{what} {self.num_steps}-step ({self.mask}{blocks}{hist})"
+        text = f"{what} {self.num_steps}-step ({self.mask}{blocks}{hist})"
+        if self.base:
+            text += (f" + {finetune_steps} steps R + D (λ {disc_weight:g})" if self.disc
+                     else f" + {finetune_steps} steps regression")
+        return text
 
     def train_args(self) -> List:
         return ["--steps", self.num_steps, "--mask", self.mask, "--lower-layers", self.lower_layers]
@@ -67,20 +78,24 @@ def student_rows(default_n: int) -> Dict[str, StudentRow]:
     return {"m1": StudentRow("M1", default_n), "m2": StudentRow("M2", default_n), "m3": StudentRow("M3", default_n),
             "m4": StudentRow("M4", default_n), "m4-n2": StudentRow("M4", 2), "m4-n4": StudentRow("M4", 4),
             "m1-s2": StudentRow("M1", default_n, 2), "m4-s2": StudentRow("M4", default_n, 2),
-            "x0-m1": StudentRow("M1", default_n, history="x0"), "x0-m4": StudentRow("M4", default_n, history="x0")}
+            "x0-m1": StudentRow("M1", default_n, history="x0"), "x0-m4": StudentRow("M4", default_n, history="x0"),
+            "m1-ft": StudentRow("M1", default_n, base="m1"), "m4-ft": StudentRow("M4", default_n, base="m4"),
+            "m1-d": StudentRow("M1", default_n, base="m1", disc=True),
+            "m4-d": StudentRow("M4", default_n, base="m4", disc=True)}
 
 
 DEFAULT_ROWS = ["m1", "m2", "m3", "m4", "m4-n2", "m4-n4", "m1-s2", "m4-s2"]
 
 
 def final_loss(run: str) -> Dict[str, float]:
-    """The last metrics record's loss terms of a run (loss, step0..)."""
+    """The last metrics record's loss terms of a run (loss, step0.., and the discriminator stage's)."""
     last = None
     with open(os.path.join(run, "metrics.jsonl")) as f:
         for line in f:
             if line.strip():
                 last = json.loads(line)
-    return {k: v for k, v in (last or {}).items() if k == "loss" or k.startswith("step") and k != "step"}
+    stage = ("gan_g", "d_weight", "d_loss", "d_real", "d_fake")         # the discriminator stage's, when on
+    return {k: v for k, v in (last or {}).items() if k in ("loss", *stage) or k.startswith("step") and k != "step"}
 
 
 @torch.no_grad()
@@ -131,6 +146,13 @@ def criteria(rows: Dict[str, dict]) -> List[str]:
         a, b = m("m4", "fid_teacher"), m("ddim4", "fid_teacher")
         lines.append(f"- ARD-4 beats the teacher's own DDIM-4 on FID vs teacher: {pm(a)} vs {pm(b)} -> "
                      f"{'yes' if a[0] < b[0] else 'no'}")
+    for a_key, b_key, what in (("m4-d", "m1-d", "ARD-4 + D beats step distillation-4 + D"),
+                               ("m4-d", "m4-ft", "ARD-4 + D beats ARD-4 fine-tuned as long without D"),
+                               ("m1-d", "m1-ft", "step distillation-4 + D beats it fine-tuned as long without D")):
+        if {a_key, b_key} <= rows.keys():
+            a, b = m(a_key, "fid_teacher"), m(b_key, "fid_teacher")
+            lines.append(f"- {what} on FID vs teacher: {pm(a)} vs {pm(b)} -> {'yes' if a[0] < b[0] else 'no'}"
+                         f"{' (within one sd)' if abs(a[0] - b[0]) < max(a[1], b[1]) else ''}")
     return lines
 
 
@@ -143,6 +165,10 @@ def main() -> None:
     ap.add_argument("--trajectories", type=int, default=long.num_trajectories)
     ap.add_argument("--train-steps", type=int, default=long.train_steps, help="per student (S = 4 and S = 2 alike)")
     ap.add_argument("--kd-steps", type=int, default=long.kd_steps)
+    ap.add_argument("--finetune-steps", type=int, default=200, help="the -ft and -d rows' steps after their base run")
+    ap.add_argument("--disc-weight", type=float, default=10.0, help="the -d rows' λ (the public ARD code's 10)")
+    ap.add_argument("--disc-start-step", type=int, default=50, help="the -d rows' adversarial start (heads warm up)")
+    ap.add_argument("--disc-lr", type=float, default=1e-3, help="the -d rows' heads' lr")
     ap.add_argument("--batch-size", type=int, default=long.batch_size)
     ap.add_argument("--lr", type=float, default=long.lr)
     ap.add_argument("--ema-decay", type=float, default=long.ema_decay)
@@ -180,6 +206,9 @@ def main() -> None:
     log = print
     t0 = time.perf_counter()
     rows = {k: registry[k] for k in args.rows}
+    missing = sorted({r.base for r in rows.values() if r.base} - set(rows))
+    if missing:
+        ap.error(f"--rows: the fine-tune rows need their base rows {missing} too")
     datas = {h: os.path.join(args.out, "data" if h == "state" else f"data-{h}")
              for h in ["state"] + sorted({r.history for r in rows.values()} - {"state"})}
     for h, d in datas.items():
@@ -187,8 +216,17 @@ def main() -> None:
     t_data = time.perf_counter() - t0
 
     runs, train_s = {"kd": os.path.join(args.out, "run-kd")}, {}
-    jobs = [("kd", datas["state"], ["--steps", 1], size.kd_steps)] + [
-        (k, datas[r.history], r.train_args(), size.train_steps) for k, r in rows.items()]
+    def job(k: str, r: StudentRow):
+        if not r.base:
+            return (k, datas[r.history], r.train_args(), size.train_steps)
+        extra = r.train_args() + ["--init", os.path.join(args.out, f"run-{r.base}")]
+        if r.disc:
+            extra += ["--disc-weight", args.disc_weight, "--disc-start-step", args.disc_start_step,
+                      "--disc-lr", args.disc_lr, "--real-data", "digits"]
+        return (k, datas[r.history], extra, args.finetune_steps)
+
+    order = [k for k in rows if not rows[k].base] + [k for k in rows if rows[k].base]    # bases first
+    jobs = [("kd", datas["state"], ["--steps", 1], size.kd_steps)] + [job(k, rows[k]) for k in order]
     for key, data, extra, steps in jobs:
         runs[key] = os.path.join(args.out, f"run-{key}")
         t = time.perf_counter()
@@ -204,7 +242,8 @@ def main() -> None:
     if any(r.num_steps == 2 for r in rows.values()):
         methods.append(Method("ddim2", "teacher DDIM-2, same noise", 2, baseline="ddim-2"))
     methods.append(Method("kd", "KD 1-step (S = 1)", 1, run=runs["kd"]))
-    methods += [Method(k, r.label(), r.num_steps, run=runs[k]) for k, r in rows.items()]
+    methods += [Method(k, r.label(args.finetune_steps, args.disc_weight), r.num_steps, run=runs[k])
+                for k, r in rows.items()]
     ev = evaluate_methods(methods, data, os.path.join(args.out, "samples"), size, verbs, args.seed, args.device,
                           anchor="kd", log=log)
     t_eval = time.perf_counter() - t_eval
