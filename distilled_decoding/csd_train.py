@@ -139,6 +139,8 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
 
     spec = TeacherSpec.from_dict(args.teacher)
     teacher = spec.load(device).eval().requires_grad_(False)
+    if getattr(teacher, "text_conditional", False):
+        raise DDError(f"--teacher {spec.teacher}: `dd csd train` supports class-conditional teachers only (text-to-image is not built)")
     sampling = resolve_sampling(teacher, args.sampling)
     output = args.output or ("embedding" if args.init_run else "velocity")
     args = dataclasses.replace(args, output=output, init_run=os.path.abspath(args.init_run) if args.init_run else None)
