@@ -676,10 +676,10 @@ class LlamaGenTeacher(Teacher):
     @torch.no_grad()
     def sequence_probs(self, labels: torch.Tensor, tokens: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
         """`Teacher.sequence_probs` in one teacher-forced forward (two with CFG) instead of n cached steps."""
-        labels, tokens = labels.to(self.device).long(), tokens.to(self.device).long()
+        tokens = tokens.to(self.device).long()
         cfg = sampling.cfg_scale > 1.0
-        cond = self._cond(labels, cfg)
-        logits = self.gpt(cond, torch.cat([tokens, tokens]) if cfg else tokens).float()     # [B', n, V]
+        cond, key_ok = self.condition(labels, cfg)
+        logits = self.gpt(cond, torch.cat([tokens, tokens]) if cfg else tokens, key_ok).float()  # [B', n, V]
         B, n = tokens.shape
         c, u = (logits[:B], logits[B:]) if cfg else (logits, None)
         flat = probs_from_logits(c.reshape(B * n, -1), None if u is None else u.reshape(B * n, -1), sampling)
