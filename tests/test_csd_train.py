@@ -4,7 +4,6 @@ stepping loop, and `dd csd train` trains, resumes bit for bit, loads strictly an
 in one line."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shlex
 import sys
 
@@ -32,7 +31,7 @@ import torch  # noqa: E402
 
 from distilled_decoding.csd_train import csd_train_command  # noqa: E402
 from distilled_decoding.demo import run_dd, run_verb  # noqa: E402
-from run_ddh_table import SIZE, sample_and_evaluate, splice, train_argv, train_seconds  # noqa: E402
+from run_ddh_table import SIZE, sample_and_evaluate, train_argv, write_section, train_seconds  # noqa: E402
 
 
 def csd_seconds(run: str) -> float:
@@ -110,17 +109,7 @@ def main() -> None:
              f"{t_csd:.0f} s (warm-up + {steps} steps); DD2 total {t_dd1 + t_csd:.0f} s; equal-budget DD-1 "
              f"{t_eq:.0f} s ({eq_steps} steps)."]
     table = quality.format_table(rows, title, notes)
-    cmd = "python tools/run_dd2_table.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    body = (f"Made by `{cmd.strip()}` on {platform.processor() or platform.machine()} (1 thread, torch "
-            f"{torch.__version__}, cpu, a 2-core machine shared with other jobs, so seconds are noisy).\n\n"
-            f"{table}\n\nThe training commands:\n\n" + "\n".join(f"    {c}" for c in commands))
-    os.makedirs(args.results, exist_ok=True)
-    path = os.path.join(args.results, "dd2_digits.md")
-    old = open(path).read() if os.path.exists(path) else "# DD2 (CSD) vs DD-1 on the digits teachers\n"
-    with open(path, "w") as f:
-        f.write(splice(old, fam, body))
-    print(table)
-    print(f"wrote the {fam} section of {path}")
+    write_section(os.path.join(args.results, "dd2_digits.md"), "# DD2 (CSD) vs DD-1 on the digits teachers", fam, "run_dd2_table.py", table, commands)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from typing import List, Optional, Sequence, Tuple
@@ -149,17 +150,22 @@ def main() -> None:
     notes = ["Training seconds (optimizer steps, 1 thread, from each run's metrics.jsonl): " + ", ".join(f"{k} {v:.0f} s" for k, v in train_s.items())
              + f"; build-dataset {t_data:.0f} s."]
     table = quality.format_table(rows, title, notes)
-    cmd = "python tools/run_ddh_table.py " + " ".join(sys.argv[1:])
-    body = (f"Made by `{cmd.strip()}` on {platform.processor() or platform.machine()} (1 thread, torch "
+    write_section(os.path.join(args.results, "ddh_table.md"), "# DD-H vs DD on the digits teachers", fam, "run_ddh_table.py", table, commands)
+
+
+def write_section(path: str, heading: str, family: str, script: str, table: str, commands) -> None:
+    """Write `table` and the training `commands` as `family`'s section of the results page `path` (created
+    with `heading`), headed by the exact command line of `script` that made it; print the table."""
+    cmd = " ".join(["python", f"tools/{script}"] + [shlex.quote(a) for a in sys.argv[1:]])
+    body = (f"Made by `{cmd}` on {platform.processor() or platform.machine()} (1 thread, torch "
             f"{torch.__version__}, cpu, a 2-core machine shared with other jobs, so seconds are noisy).\n\n"
             f"{table}\n\nThe training commands:\n\n" + "\n".join(f"    {c}" for c in commands))
-    os.makedirs(args.results, exist_ok=True)
-    path = os.path.join(args.results, "ddh_table.md")
-    old = open(path).read() if os.path.exists(path) else "# DD-H vs DD on the digits teachers\n"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    old = open(path).read() if os.path.exists(path) else heading + "\n"
     with open(path, "w") as f:
-        f.write(splice(old, fam, body))
+        f.write(splice(old, family, body))
     print(table)
-    print(f"wrote the {fam} section of {path}")
+    print(f"wrote the {family} section of {path}")
 
 
 def splice(text: str, family: str, body: str) -> str:

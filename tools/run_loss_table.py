@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import torch  # noqa: E402
 
 from distilled_decoding.demo import run_dd  # noqa: E402
-from run_ddh_table import SCHEDULES, SIZE, sample_and_evaluate, splice, train_argv, train_seconds  # noqa: E402
+from run_ddh_table import SCHEDULES, SIZE, sample_and_evaluate, train_argv, write_section, train_seconds  # noqa: E402
 
 # key -> (row label, `dd train` loss options)
 LOSSES = {"ce": ("CE only", ["--lambda-emb", "0"]),
@@ -143,17 +142,7 @@ def main() -> None:
              + ", ".join(f"{students[k][0]} {v:.0f} s" for k, v in train_s.items()) + f"; build-dataset {t_data:.0f} s.",
              timing]
     table = quality.format_table(rows, title, notes)
-    cmd = "python tools/run_loss_table.py " + " ".join(sys.argv[1:])
-    body = (f"Made by `{cmd.strip()}` on {platform.processor() or platform.machine()} (1 thread, torch "
-            f"{torch.__version__}, cpu, a 2-core machine shared with other jobs, so seconds are noisy).\n\n"
-            f"{table}\n\nThe training commands:\n\n" + "\n".join(f"    {c}" for c in commands))
-    os.makedirs(args.results, exist_ok=True)
-    path = os.path.join(args.results, "loss_variants.md")
-    old = open(path).read() if os.path.exists(path) else "# Embedding-loss variants on the digits teachers\n"
-    with open(path, "w") as f:
-        f.write(splice(old, fam, body))
-    print(table)
-    print(f"wrote the {fam} section of {path}")
+    write_section(os.path.join(args.results, "loss_variants.md"), "# Embedding-loss variants on the digits teachers", fam, "run_loss_table.py", table, commands)
 
 
 if __name__ == "__main__":
