@@ -44,3 +44,16 @@ def tiny_teacher(request, tiny_teachers):
     """(spec, teacher) of the tiny random teacher of each family; narrow it to one family with
     `@pytest.mark.parametrize("tiny_teacher", ["llamagen"], indirect=True)`."""
     return tiny_teachers(request.param)
+
+
+@pytest.fixture(scope="module")
+def ard_trajectories(tmp_path_factory):
+    """A folder holding `traj`: a DDIM-8 trajectory set (S = 4, 32 trajectories) of the zoo's digits-dit
+    (depth 4, 16x16x1), for the ARD training tests."""
+    from distilled_decoding.teacher_spec import TeacherSpec
+    from distilled_decoding.trajectories import build_trajectories
+    root = tmp_path_factory.mktemp("ard")
+    spec = TeacherSpec("digits-dit")
+    build_trajectories(str(root / "traj"), spec.load("cpu", diffusion=True), spec, num_samples=32, steps=8,
+                       num_steps=4, shard_size=16, batch_size=16, show_progress=False, log=lambda s: None)
+    return root

@@ -13,8 +13,6 @@ from distilled_decoding.ard_discriminator import (DiscHeads, DiscriminatorStage,
                                                   hinge_d_loss, hinge_g_loss)
 from distilled_decoding.ard_train import ARDTrainArgs, train_ard
 from distilled_decoding.run_dir import latest_checkpoint
-from distilled_decoding.teacher_spec import TeacherSpec
-from distilled_decoding.trajectories import build_trajectories
 from teachers.checkpoint import load_safetensors
 from teachers.dit import DiT, DiTConfig
 
@@ -111,13 +109,8 @@ def test_real_batches_are_a_function_of_seed_step_and_rank():
 
 # ---- dd ard train with the stage on -----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A DDIM-8 trajectory set (S = 4, 32 trajectories) of the zoo's digits-dit."""
-    root = tmp_path_factory.mktemp("ard-disc")
-    spec = TeacherSpec("digits-dit")
-    build_trajectories(str(root / "traj"), spec.load("cpu", diffusion=True), spec, num_samples=32, steps=8,
-                       num_steps=4, shard_size=16, batch_size=16, show_progress=False, log=lambda s: None)
-    return root
+def data(ard_trajectories):
+    return ard_trajectories
 
 
 def args(data, out, **kw) -> ARDTrainArgs:

@@ -12,21 +12,14 @@ from distilled_decoding.ard_train import (ARDTrainArgs, ard_loss, default_lower_
                                           read_ard_run_config, train, train_ard)
 from distilled_decoding.cli import DDGroup
 from distilled_decoding.run_dir import latest_checkpoint
-from distilled_decoding.teacher_spec import TeacherSpec
-from distilled_decoding.trajectories import build_trajectories
 from teachers.checkpoint import load_safetensors
 
 DEPTH = 4          # digits-dit's
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A DDIM-8 trajectory set (S = 4, 32 trajectories) of the zoo's digits-dit (depth 4, 16x16x1)."""
-    root = tmp_path_factory.mktemp("ard")
-    spec = TeacherSpec("digits-dit")
-    build_trajectories(str(root / "traj"), spec.load("cpu", diffusion=True), spec, num_samples=32, steps=8,
-                       num_steps=4, shard_size=16, batch_size=16, show_progress=False, log=lambda s: None)
-    return root
+def data(ard_trajectories):
+    return ard_trajectories
 
 
 def args(data, out, **kw) -> ARDTrainArgs:
