@@ -38,6 +38,11 @@ def test_done_when_checks_and_labels():
     assert reg["m1"].label() == "step distillation 4-step (M1)"
     assert reg["m4-n2"].label() == "ARD 4-step (M4, N = 2)" and reg["m4-s2"].train_args()[:2] == ["--steps", 2]
     assert set(mod.DEFAULT_ROWS) <= set(reg)
+    assert reg["m4-d-l0.1"].label(200, 10.0) == "ARD 4-step (M4, N = 1) + 200 steps R + D (λ 0.1)"    # λ sweep row
+    assert reg["m4-d"].label(200, 10.0).endswith("R + D (λ 10)") and reg["m1-d-l1"].base == "m1"
+    lam = mod.criteria({"m4-d-l1": _row([20, 21, 22]), "m4-ft": _row([13, 13, 13])})
+    assert lam == ["- ARD-4 + D (λ 1) beats ARD-4 fine-tuned as long without D on FID vs teacher: "
+                   "21.00 ± 1.00 vs 13.00 ± 0.00 -> no"]
 
 
 def test_exposure_errors_teacher_forced_vs_own(tmp_path):

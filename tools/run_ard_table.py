@@ -14,6 +14,7 @@ draw and floor), its DDIM-4 and DDIM-2 from the same noise and the one-step KD s
     x0-m1, x0-m4        M1 / M4 on a second set whose history holds the teacher's x̂_0 (--history x0)
     m1-ft, m4-ft        m1 / m4 fine-tuned --finetune-steps more on the regression loss alone (`--init`)
     m1-d, m4-d          m1 / m4 fine-tuned as long with the discriminator stage (--disc-weight, --disc-start-step)
+    m1-d-l1, m4-d-l1    ... at λ = 1 whatever --disc-weight says (m1-d-l0.1, m4-d-l0.1: λ = 0.1), for a λ sweep
 
 A fine-tune row starts from its base row's finished run (`dd ard train --init`, a fresh optimizer), so
 `-ft` is the control that isolates what the discriminator adds to the same regression budget.
@@ -58,8 +59,10 @@ class StudentRow:
     history: str = "state"
     base: str = ""            # a fine-tune: the row whose run it starts from
     disc: bool = False        # ... with the discriminator stage
+    disc_weight: float = 0.0  # ... at this λ (0: the --disc-weight of the invocation)
 
     def label(self, finetune_steps: int = 0, disc_weight: float = 0.0) -> str:
+        disc_weight = self.disc_weight or disc_weight
         what = "step distillation" if self.mask == "M1" else "ARD"
         hist = ", x̂_0 history" if self.history == "x0" else ""
         blocks = "" if self.mask == "M1" else f", N = {self.lower_layers}"
@@ -81,7 +84,9 @@ def student_rows(default_n: int) -> Dict[str, StudentRow]:
             "x0-m1": StudentRow("M1", default_n, history="x0"), "x0-m4": StudentRow("M4", default_n, history="x0"),
             "m1-ft": StudentRow("M1", default_n, base="m1"), "m4-ft": StudentRow("M4", default_n, base="m4"),
             "m1-d": StudentRow("M1", default_n, base="m1", disc=True),
-            "m4-d": StudentRow("M4", default_n, base="m4", disc=True)}
+            "m4-d": StudentRow("M4", default_n, base="m4", disc=True),
+            **{f"{m}-d-l{lam:g}": StudentRow(m.upper(), default_n, base=m, disc=True, disc_weight=lam)
+               for m in ("m1", "m4") for lam in (1.0, 0.1)}}
 
 
 DEFAULT_ROWS = ["m1", "m2", "m3", "m4", "m4-n2", "m4-n4", "m1-s2", "m4-s2"]
@@ -146,10 +151,13 @@ def criteria(rows: Dict[str, dict]) -> List[str]:
         a, b = m("m4", "fid_teacher"), m("ddim4", "fid_teacher")
         lines.append(f"- ARD-4 beats the teacher's own DDIM-4 on FID vs teacher: {pm(a)} vs {pm(b)} -> "
                      f"{'yes' if a[0] < b[0] else 'no'}")
-    for a_key, b_key, what in (("m4-d", "m1-d", "ARD-4 + D beats step distillation-4 + D"),
-                               ("m4-d", "m4-ft", "ARD-4 + D beats ARD-4 fine-tuned as long without D"),
-                               ("m1-d", "m1-ft", "step distillation-4 + D beats it fine-tuned as long without D")):
-        if {a_key, b_key} <= rows.keys():
+    for lam in ("", "-l1", "-l0.1"):          # the -d rows at --disc-weight, λ = 1, λ = 0.1
+        at = f" (λ {lam[2:]})" if lam else ""
+        for a_key, b_key, what in ((f"m4-d{lam}", f"m1-d{lam}", f"ARD-4 + D{at} beats step distillation-4 + D{at}"),
+                                   (f"m4-d{lam}", "m4-ft", f"ARD-4 + D{at} beats ARD-4 fine-tuned as long without D"),
+                                   (f"m1-d{lam}", "m1-ft", f"step distillation-4 + D{at} beats it fine-tuned as long without D")):
+            if not {a_key, b_key} <= rows.keys():
+                continue
             a, b = m(a_key, "fid_teacher"), m(b_key, "fid_teacher")
             lines.append(f"- {what} on FID vs teacher: {pm(a)} vs {pm(b)} -> {'yes' if a[0] < b[0] else 'no'}"
                          f"{' (within one sd)' if abs(a[0] - b[0]) < max(a[1], b[1]) else ''}")
@@ -221,7 +229,7 @@ def main() -> None:
             return (k, datas[r.history], r.train_args(), size.train_steps)
         extra = r.train_args() + ["--init", os.path.join(args.out, f"run-{r.base}")]
         if r.disc:
-            extra += ["--disc-weight", args.disc_weight, "--disc-start-step", args.disc_start_step,
+            extra += ["--disc-weight", r.disc_weight or args.disc_weight, "--disc-start-step", args.disc_start_step,
                       "--disc-lr", args.disc_lr, "--real-data", "digits"]
         return (k, datas[r.history], extra, args.finetune_steps)
 
