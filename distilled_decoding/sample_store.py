@@ -136,16 +136,19 @@ def build_samples(out: str, plan: SamplePlan, settings: dict, *, num_samples: in
         rec["line"] = timing_line(rec)
         log(rec["line"])
         atomic_write(os.path.join(out, "timing.json"), json_bytes(rec))
-    captions = getattr(plan, "captions", None)     # DD plans only: ARD's DiffusionPlan has no captions
-    if captions is not None:   # the prompt of each sample, in grid order
-        ids = make_labels(seed, range(num_samples), settings["num_classes"], spec).tolist()
-        atomic_write(os.path.join(out, PROMPTS_FILE),
-                     "".join(f"{i}\t{captions.prompts[c]}\n" for i, c in enumerate(ids)).encode())
     meta = dict(settings, num_samples=num_samples, batch_size=batch_size, device=str(device), world_size=world)
     atomic_write(os.path.join(out, "sample.json"), json_bytes(meta))
     log(f"wrote {num_samples} samples to {out} ({SAMPLES_FILE}, {TOKENS_FILE}, {GRID_FILE}"
         + (", png/" if png else "") + (", timing.json" if rec else "") + ")")
     return rec
+
+
+def write_prompts(out: str, captions, settings: dict, num_samples: int) -> None:
+    """prompts.txt of a text-to-image sample set: the prompt of each sample, in grid order (rank 0,
+    after `build_samples`; `captions` a `captions.CaptionTable`)."""
+    ids = make_labels(settings["seed"], range(num_samples), settings["num_classes"], settings["labels"]).tolist()
+    atomic_write(os.path.join(out, PROMPTS_FILE),
+                 "".join(f"{i}\t{captions.prompts[c]}\n" for i, c in enumerate(ids)).encode())
 
 
 def _shards(store: ShardStore, manifest: dict):

@@ -20,7 +20,7 @@ from .captions import captions_for_teacher
 from .distributed import device_option_check, dist_info, finish_distributed, init_distributed
 from .images import labelled_rows, save_png, to_uint8
 from .pairs import generate_pairs
-from .sample_store import build_samples, sample_settings, verify_samples
+from .sample_store import build_samples, sample_settings, verify_samples, write_prompts
 from .samplers import SKIP_FILLS, SamplePlan, TokenMarginals, check_regen, dd_sample, regen_sample
 from .seeding import check_label_spec, make_labels, sample_generators, sample_noise
 from .shard_store import StoreError
@@ -291,6 +291,8 @@ def sample_cmd(out, run, steps, timesteps, split, snap, regen, baseline, skip_fi
         build_samples(out, plan, settings, num_samples=num_samples, batch_size=batch_size, device=device,
                       warmup=warmup, png=png, grid_max=grid_max, show_progress=not no_progress,
                       log=click.echo if dist_info()[0] == 0 else (lambda s: None))
+        if captions is not None and dist_info()[0] == 0:
+            write_prompts(out, captions, settings, num_samples)
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(e)
     finally:
