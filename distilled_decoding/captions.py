@@ -142,17 +142,24 @@ def teacher_caption_shape(teacher) -> Optional[tuple]:
     return cfg.cls_token_num, cfg.caption_dim
 
 
+def caption_shape_if_given(teacher, given: bool) -> Optional[tuple]:
+    """`teacher_caption_shape`, with a CaptionError unless captions are `given` exactly to a
+    text-to-image teacher."""
+    shape = teacher_caption_shape(teacher)
+    if shape is None and given:
+        raise CaptionError("this teacher is class-conditional: drop --prompts / --caption-features")
+    if shape is not None and not given:
+        raise CaptionError("this teacher is text-to-image: give --prompts FILE --caption-features DIR")
+    return shape
+
+
 def captions_for_teacher(teacher, prompts: Optional[str], features_dir: Optional[str]) -> Optional[CaptionTable]:
     """The table of a command's --prompts / --caption-features, in the teacher's shape (CaptionError
     unless given together, and exactly when the teacher is text-to-image); None for class labels."""
     if (prompts is None) != (features_dir is None):
         raise CaptionError("--prompts and --caption-features go together")
-    shape = teacher_caption_shape(teacher)
-    if shape is None and prompts is not None:
-        raise CaptionError("this teacher is class-conditional: drop --prompts / --caption-features")
-    if shape is not None and prompts is None:
-        raise CaptionError("this teacher is text-to-image: give --prompts FILE --caption-features DIR")
-    return None if prompts is None else load_captions(prompts, features_dir, *shape)
+    shape = caption_shape_if_given(teacher, prompts is not None)
+    return None if shape is None else load_captions(prompts, features_dir, *shape)
 
 
 def read_side_table(root: str) -> CaptionTable:

@@ -23,7 +23,7 @@ from .distributed import dist_info
 from .fileio import normalise_json
 from .flowmap import FlowMapConfig, codebook_warning
 from .pairs import FLOW_MAP_NON_DATA, generate_pairs, pair_store, token_dtype
-from .captions import SIDE_FILE, CaptionError, CaptionTable, teacher_caption_shape
+from .captions import SIDE_FILE, CaptionError, CaptionTable, caption_shape_if_given
 from .seeding import LABEL_MODES, noise_fingerprint, sample_labels, sample_noise
 from .shard_store import build_shards
 from .teacher_spec import TeacherSpec
@@ -61,11 +61,7 @@ def dataset_settings(teacher: Teacher, spec: TeacherSpec, sampling: SamplingConf
 
 def check_condition(teacher: Teacher, captions: Optional[CaptionTable]) -> None:
     """CaptionError unless captions are given exactly to a text-to-image teacher, in its shape."""
-    shape = teacher_caption_shape(teacher)
-    if shape is None and captions is not None:
-        raise CaptionError("this teacher is class-conditional: drop --prompts / --caption-features")
-    if shape is not None and captions is None:
-        raise CaptionError("this teacher is text-to-image: give --prompts FILE --caption-features DIR")
+    shape = caption_shape_if_given(teacher, captions is not None)
     if shape is not None and (captions.slots, captions.dim) != tuple(shape):
         raise CaptionError(f"captions of {captions.slots} slots x {captions.dim}, the teacher takes "
                            f"{shape[0]} x {shape[1]}")
