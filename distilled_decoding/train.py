@@ -162,20 +162,21 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
     if getattr(student.backbone, "init_notes", None) and not args.resume:
         log(f"init: {student.backbone.init_notes}")
     del teacher                     # only the image losses keep it (for its VQ decoder)
+    recipe = describe_recipe(args)
     run_info = {
         "teacher": spec.to_dict(), "split": cfg.split, "timesteps": list(cfg.timesteps),
         "data": {"dir": os.path.abspath(args.data), "manifest_sha256": manifest_sha,
                  "num_samples": len(pairs), "settings": pairs.settings},
         "train": dict(args.to_dict(), timesteps=list(cfg.timesteps), split=cfg.split, precision=precision,
                       lower_layers=cfg.options.get("lower_layers"),
-                      world_size=world, micro_batch=micro, emb_loss_desc=emb_desc, recipe=describe_recipe(args)),
+                      world_size=world, micro_batch=micro, emb_loss_desc=emb_desc, recipe=recipe),
     }
     log(f"student: {cfg.family}, {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params; "
         f"timesteps {cfg.timesteps}, split {cfg.split}; "
         + (f"DD-H history {args.history}, lower layers {cfg.options['lower_layers']}; " if args.history else "")
         + f"{len(pairs)} pairs; batch {args.batch_size} "
         f"= {world} rank(s) x {args.grad_accum} accum x {micro}; precision {precision}; embedding loss: {emb_desc}; "
-        f"{describe_recipe(args)}")
+        f"{recipe}")
 
     codebook = student.codebook
     offsets = student.step_offsets
