@@ -24,6 +24,8 @@ tests/csd_toy.py, numbers in docs/dd2.md; to be re-chosen on the digits teachers
   (1 − τ)·(D_fake − D_real), the difference of the two posterior means in data units, and a velocity
   error δv of the guidance network moves it by only τ·δv. "unit" (ω = 1, the plain KL gradient) weighs
   small τ by 1/τ²: on the toy it collapsed the generator onto one code.
+The GTS initialisation (§3.3, Eq. 6; `gts_loss`) regresses a network's velocity on the teacher's
+analytic one (`dd2_score.conditional_velocity`) on teacher-generated sequences, before CSD.
 Parameterisation (App. E.1): networks predict the velocity v = ε − x0 of the path; `score_from_velocity`
 turns a prediction into a score, s = −(x_τ + (1 − τ)·v)/τ.
 """
@@ -34,7 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .dd2_score import conditional_score
+from .dd2_score import conditional_score, conditional_velocity
 from .flowmap import V_CHUNK
 
 TAU_DISTS = ("uniform", "logit_normal")
@@ -119,3 +121,23 @@ def guidance_loss(v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> 
     (v_pred [B, n, C] from the guidance network at diffuse(x0.detach(), τ, ε)); its minimiser's
     `score_from_velocity` is the score of the generator's smoothed conditionals."""
     return (v_pred - (eps - x0.detach())).pow(2).sum() / v_pred.shape[0]
+
+
+def gts_target(x_tau: torch.Tensor, tau: torch.Tensor, logp: torch.Tensor, codebook: torch.Tensor,
+               v_chunk: int = V_CHUNK) -> torch.Tensor:
+    """The GTS regression target [B, n, C]: the teacher's analytic velocity v_Φ(x_τ, τ | prefix)
+    (`dd2_score.conditional_velocity`, no gradient). x_tau [B, n, C]; tau [B, n] in (0, 1]; logp [B, n, V]:
+    the teacher's log-probabilities at every position given the sequence's own (teacher-generated) prefix."""
+    with torch.no_grad():
+        return conditional_velocity(x_tau.detach(), tau, logp, codebook, v_chunk)
+
+
+def gts_loss(v_pred: torch.Tensor, v_target: torch.Tensor) -> torch.Tensor:
+    """DD2's GTS loss (§3.3, Eq. 6), regressing the analytic teacher score, here in velocity units:
+    mean_b Σ_i ‖v_pred − v_target‖² (v_target = `gts_target`; both [B, n, C]).
+
+    The paper's weighting is not legible (dd2-facts.md). Velocity units are the guidance network's
+    flow-matching units, so the init hands CSD a head already on its loss's scale, and stay finite at
+    τ = 1, the generator's time (a score error is a velocity error times (1 − τ)/τ: unweighted score
+    units would give τ = 1 no weight at all)."""
+    return (v_pred - v_target.detach().to(v_pred.dtype)).pow(2).sum() / v_pred.shape[0]

@@ -13,7 +13,12 @@ feature f_i of token i depends on the class and on x0 of strictly earlier AR ste
 tokens < i; VAR: the scales before i's). A small MLP over (x_τ,i, τ_i, logit τ_i, f_i) predicts the
 velocity E[ε − x0 | x_τ] of token i; `csd.score_from_velocity` turns it into the score of the
 generator's conditional at position i. The backbone starts from the teacher's weights
-(`student.build_student`); the head's last layer starts at zero (v = 0).
+(`student.build_student`); the head's last layer starts at zero (v = 0), or the whole network is DD2's
+AR-diffusion model fitted to the teacher's score by `dd csd init` (gts_train.py).
+
+The same network is DD2's AR-diffusion generator (§3.3): `generator_velocity` feeds the noise ε to the
+head at τ = 1 and the one-step-shifted ε to the backbone, x = ε − v (a `student.DDStudent` with output
+"ar_diffusion" wraps it, so its run directory samples with `dd sample`).
 
 Teacher log-probabilities (`teacher_logp`): the teacher's next-token distribution at every position
 given the generated prefix, with the teacher's sampling (CFG, temperature, top-k/p) exactly as its
@@ -54,6 +59,9 @@ def shift_steps(x0: torch.Tensor, step_sizes: Sequence[int]) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
+LOGIT_EPS = 1e-4     # the head's logit-τ input is clamped to [logit(ε), logit(1 − ε)] (finite at τ = 1)
+
+
 class GuidanceNet(nn.Module):
     """(x_τ [B, n, C], τ [B, n], x0 [B, n, C], labels [B]) -> velocity [B, n, C]; token i reads
     x0 of earlier AR steps only (see the module docstring). backbone: a DD student backbone;
@@ -70,20 +78,31 @@ class GuidanceNet(nn.Module):
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
-    def features(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """x0 [B, n, C] -> f [B, n, D]: f_i a function of the class and of x0 of AR steps before i's."""
+    def features(self, x0: torch.Tensor, labels: torch.Tensor, backbone_grad: bool = True) -> torch.Tensor:
+        """x0 [B, n, C] -> f [B, n, D]: f_i a function of the class and of x0 of AR steps before i's.
+        backbone_grad False: the backbone runs without autograd (the GTS init's head-only phase)."""
         x = shift_steps(x0.float(), self.step_sizes)
         is_data = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        h, _ = self.backbone.hidden(x, labels.long(), is_data, block_causal=True)
+        with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
+            h, _ = self.backbone.hidden(x, labels.long(), is_data, block_causal=True)
         return self.feature_norm(h[:, 1:].float())
 
     def head_velocity(self, x_tau: torch.Tensor, tau: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        """The MLP head alone (features computed once, several (x_τ, τ) draws)."""
+        """The MLP head alone (features computed once, several (x_τ, τ) draws). τ = 1 (the generator's
+        time) is allowed: the logit feature is clamped to logit(1 − 1e-4), untouched on [1e-4, 1 − 1e-4]."""
         t = tau.to(x_tau.dtype)[..., None]
-        return self.head(torch.cat([x_tau, t, torch.log(t / (1 - t)), feats.to(x_tau.dtype)], -1))
+        tc = t.clamp(LOGIT_EPS, 1.0 - LOGIT_EPS)
+        return self.head(torch.cat([x_tau, t, torch.log(tc / (1 - tc)), feats.to(x_tau.dtype)], -1))
 
     def forward(self, x_tau: torch.Tensor, tau: torch.Tensor, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.head_velocity(x_tau, tau, self.features(x0, labels))
+
+    def generator_velocity(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """DD2's generator read off this AR-diffusion network (§3.3): the head at τ = 1 on the noise ε
+        [B, n, C], the backbone on the one-step-shifted ε -> v [B, n, C]; the sample is x = ε − v
+        (`student.DDStudent` with output "ar_diffusion")."""
+        tau = noise.new_ones(noise.shape[:2])
+        return self.head_velocity(noise, tau, self.features(noise, labels))
 
 
 def generate(generator: nn.Module, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

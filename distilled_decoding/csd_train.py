@@ -142,12 +142,22 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
     if getattr(teacher, "text_conditional", False):
         raise DDError(f"--teacher {spec.teacher}: `dd csd train` supports class-conditional teachers only (text-to-image is not built)")
     sampling = resolve_sampling(teacher, args.sampling)
-    output = args.output or ("embedding" if args.init_run else "velocity")
-    args = dataclasses.replace(args, output=output, init_run=os.path.abspath(args.init_run) if args.init_run else None)
+    gts = None          # a `dd csd init` run: the AR-diffusion model that starts both networks (DD2 §3.3)
+    if args.init_run:
+        from .student_run import read_run_config
+        gts = read_run_config(args.init_run)["student"]
+        gts = gts if gts.get("output") == "ar_diffusion" else None
+    output = args.output or ("ar_diffusion" if gts else "embedding" if args.init_run else "velocity")
+    if gts and output != "ar_diffusion":
+        raise DDError(f"--init-run {args.init_run}: an AR-diffusion init (`dd csd init`) starts an ar_diffusion "
+                      f"generator, not --output {output}")
+    args = dataclasses.replace(args, output=output, init_run=os.path.abspath(args.init_run) if args.init_run else None,
+                               head_width=gts["head_width"] if gts else args.head_width)
 
     # -- generator (a DD student at t = 1), its EMA, the guidance network --
     torch.manual_seed(args.seed)
-    gen = build_student(teacher, timesteps=(1,), split=0, seed=args.seed, output=output)
+    gen = build_student(teacher, timesteps=(1,), split=0, seed=args.seed, output=output,
+                        **({"head_width": args.head_width} if output == "ar_diffusion" else {}))
     if args.init_run:
         init, info = load_run(args.init_run, device, ema=True)
         if TeacherSpec.from_dict(info["teacher"]).load(device).describe() != teacher.describe():
@@ -156,12 +166,15 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
             raise DDError(f"--init-run {args.init_run}: its student (output {init.config.output!r}, options "
                           f"{init.config.options}) is not a generator with --output {output}")
         gen.backbone.load_state_dict(init.backbone.state_dict(), strict=True)
+        init_state = init.backbone.state_dict()
         del init
     gen.train()
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     update_ema(ema, gen, 0.0)
     guide = GuidanceNet(build_student(teacher, timesteps=(1,), split=0, seed=args.seed + 1).backbone,
                         teacher.step_sizes, teacher.embed_dim, args.head_width).to(device).train()
+    if gts:
+        guide.load_state_dict(init_state, strict=True)
     opt = PairedOptimizer(
         torch.optim.AdamW(gen.parameters(), lr=args.lr, betas=(0.0, 0.99), weight_decay=args.weight_decay),
         torch.optim.AdamW(guide.parameters(), lr=args.guidance_lr, betas=(0.0, 0.99), weight_decay=0.0))
@@ -229,7 +242,8 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
                 "method": "csd", "train": train_info, "warmup_seconds": warmup_s}
     n_gen, n_guide = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (gen, guide))
     log(f"csd: {teacher.family} generator {n_gen:.2f}M params (output {output}"
-        + (f", from {args.init_run}" if args.init_run else ", from the teacher") + f"), guidance {n_guide:.2f}M; "
+        + (f", from {args.init_run}" if args.init_run else ", from the teacher") + f"), guidance {n_guide:.2f}M"
+        + (" (from the same AR-diffusion init)" if gts else "") + "; "
         f"K = {csd.guidance_steps}, tau {csd.tau_dist}, weight {csd.weight}; batch {args.batch_size}; "
         f"precision {precision}; {describe_recipe(args)}, guidance lr {args.guidance_lr:g}")
 
@@ -260,11 +274,13 @@ def csd_group() -> None:
 @csd_group.command("train")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--init-run", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Start the generator from this DD-1 run (`dd train --timesteps 1`; its embedding head). "
+              help="Start from this run: a `dd csd init` run (DD2's AR-diffusion init: both the generator, "
+                   "x = noise - v(noise, tau = 1, shifted noise), and the guidance network) or a DD-1 run "
+                   "(`dd train --timesteps 1`: the generator only, its embedding head). "
                    "Default: a fresh DD student of the teacher with the velocity output.")
 @click.option("--output", type=click.Choice(["embedding", "velocity"]), default=None,
               help="Generator parameterisation: x = head (embedding) or x = noise - head (velocity, DD2). "
-                   "Default: embedding with --init-run, else velocity.")
+                   "Default: embedding with a DD-1 --init-run, else velocity (an AR-diffusion init: its own).")
 @click.option("--guidance-steps", default=5, show_default=True, type=click.IntRange(min=1),
               help="K guidance updates per generator update (DD2: 5).")
 @click.option("--guidance-lr", default=1e-4, show_default=True, type=click.FloatRange(min=0.0, min_open=True))
@@ -304,3 +320,7 @@ def csd_train_command(out, init_run, output, guidance_steps, guidance_lr, guidan
         train_csd(args, log=click.echo)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise click.ClickException(str(e)) from e
+
+
+from .gts_train import csd_init_command  # noqa: E402  (dd csd init: the AR-diffusion initialisation)
+csd_group.add_command(csd_init_command)

@@ -28,7 +28,7 @@ from .student_history import HistoryCache
 from .student_backbones import BACKBONES, backbone_class
 
 
-OUTPUTS = ("embedding", "velocity")
+OUTPUTS = ("embedding", "velocity", "ar_diffusion")
 
 
 # ---- config -----------------------------------------------------------------------------------
@@ -42,7 +42,10 @@ class StudentConfig:
     split: AR steps < split take the logits head at sampling time; options: family options of the
     backbone (VAR: {"layerwise_n_d_embed": True}); output: what the embedding head's value is,
     "embedding" (the token embedding itself, DD) or "velocity" (v with embedding = x − v, x the input
-    row: DD2's generator parameterisation, App. E.1; x is the noise at a one-step generator's t = 1).
+    row: DD2's generator parameterisation, App. E.1; x is the noise at a one-step generator's t = 1)
+    or "ar_diffusion" (DD2's AR-diffusion generator, §3.3: the backbone is a `csd_nets.GuidanceNet`,
+    an MLP head of width `head_width` over a block-causal teacher backbone, and emb = x −
+    generator_velocity(x); one step from noise only).
     """
 
     family: str
@@ -53,6 +56,7 @@ class StudentConfig:
     split: int
     options: dict = field(default_factory=dict)
     output: str = "embedding"
+    head_width: Optional[int] = None
 
     def __post_init__(self):
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
@@ -63,6 +67,8 @@ class StudentConfig:
             raise ValueError(f"timesteps are 1-indexed AR steps (t = 1: pure noise), got {self.timesteps}")
         if self.output not in OUTPUTS:
             raise ValueError(f"unknown student output {self.output!r}; choose from {OUTPUTS}")
+        if (self.output == "ar_diffusion") != (self.head_width is not None):
+            raise ValueError("head_width is given exactly for an ar_diffusion student")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -145,6 +151,8 @@ class DDStudent(nn.Module):
         if C != self.config.codebook_dim:
             raise ValueError(f"x has {C} channels, the codebook {self.config.codebook_dim}")
         t = t.to(x.device).long().reshape(B)
+        if self.config.output == "ar_diffusion":
+            return self._ar_diffusion_forward(x, labels, t, history)
         if history is None:
             logits, emb = self.backbone(x, as_condition(labels, x.device), self.data_mask(t, n))
         else:
@@ -152,6 +160,15 @@ class DDStudent(nn.Module):
         if self.config.output == "velocity":
             emb = x.float() - emb
         return logits, emb
+
+    def _ar_diffusion_forward(self, x, labels, t, history) -> Tuple[torch.Tensor, torch.Tensor]:
+        """DD2's AR-diffusion generator: emb = x − v(x) at t = 1 (x the noise); logits = the nearest-code
+        scores 2⟨emb, c_j⟩ − ‖c_j‖² (their argmax is the snapped output)."""
+        if history is not None or bool((t != 1).any()):
+            raise ValueError("an AR-diffusion generator samples in one step from noise (t = 1, no history)")
+        emb = x.float() - self.backbone.generator_velocity(x.float(), as_condition(labels, x.device)).float()
+        cb = self.codebook
+        return 2.0 * emb @ cb.t() - cb.pow(2).sum(-1), emb
 
     def forward_blocks(self, xs: torch.Tensor, labels: torch.Tensor, ts: Sequence[int]
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +196,9 @@ def build_student(teacher, timesteps: Optional[Sequence[int]] = None, split: Opt
 
     timesteps / split: None = the paper's defaults scaled to the teacher (`default_schedule`).
     seed: seeds the initialisation of the new tensors (the same student on every rank).
-    output: "embedding" (DD) or "velocity" (DD2's generator: embedding = input − head output).
+    output: "embedding" (DD), "velocity" (DD2's generator: embedding = input − head output) or
+    "ar_diffusion" (DD2's AR-diffusion model as a generator, `opts` head_width=W: a `csd_nets.GuidanceNet`
+    of width W over the backbone, zero last layer).
     opts: backbone options (VAR: layerwise_n_d_embed=True; DD-H: history="none"|"noise"|"all",
     lower_layers=N, whose history_steps is the number of timesteps).
     """
@@ -195,6 +214,9 @@ def build_student(teacher, timesteps: Optional[Sequence[int]] = None, split: Opt
                          "(0: the embedding head at every step)")
     if opts.get("history") is not None:
         opts = dict(opts, history_steps=len(timesteps))
+    head_width = opts.pop("head_width", None)
+    if (output == "ar_diffusion") != (head_width is not None):
+        raise ValueError("head_width is given exactly for output ar_diffusion")
     codebook = teacher.codebook.float()
     dev = codebook.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
@@ -202,14 +224,27 @@ def build_student(teacher, timesteps: Optional[Sequence[int]] = None, split: Opt
         backbone = cls.from_teacher(teacher, **opts)
     config = StudentConfig(family=teacher.family, model=model, codebook_dim=codebook.shape[1],
                            vocab_size=codebook.shape[0], timesteps=tuple(timesteps), split=split,
-                           options=backbone.options(), output=output)
+                           options=backbone.options(), output=output, head_width=head_width)
+    if output == "ar_diffusion":
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            backbone = _ar_diffusion_net(config, backbone)
     return DDStudent(config, backbone.to(dev), codebook)
+
+
+def _ar_diffusion_net(config: StudentConfig, backbone: nn.Module) -> nn.Module:
+    from .csd_nets import GuidanceNet
+    return GuidanceNet(backbone, backbone.step_sizes, config.codebook_dim, config.head_width)
 
 
 def build_backbone_loaded(config: StudentConfig, source, *, nesting=(), ignore=(), device="cpu",
                            weights_only: bool = True, what: str = "DD student"):
     from teachers.checkpoint import load_strict
     cls = backbone_class(config.family)
-    return load_strict(lambda: cls.build(config.model, config.codebook_dim, **config.options), source,
+
+    def build():
+        net = cls.build(config.model, config.codebook_dim, **config.options)
+        return _ar_diffusion_net(config, net) if config.output == "ar_diffusion" else net
+    return load_strict(build, source,
                        ignore=ignore, nesting=nesting, device=device, dtype=torch.float32,
                        weights_only=weights_only, what=what)
