@@ -142,17 +142,23 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
     if getattr(teacher, "text_conditional", False):
         raise DDError(f"--teacher {spec.teacher}: `dd csd train` supports class-conditional teachers only (text-to-image is not built)")
     sampling = resolve_sampling(teacher, args.sampling)
-    gts = None          # a `dd csd init` run: the AR-diffusion model that starts both networks (DD2 §3.3)
+    # --init-run kinds: "gts" (`dd csd init`: the AR-diffusion model starts both networks, DD2 §3.3), "csd" (a CSD
+    # run: its EMA generator and its guidance network; with --guidance-warmup that is DD2's performance
+    # alignment, App. C.3), "dd1" (a DD-1 student: the generator only)
+    kind, init_info = None, {}
     if args.init_run:
         from .student_run import read_run_config
-        gts = read_run_config(args.init_run)["student"]
-        gts = gts if gts.get("output") == "ar_diffusion" else None
-    output = args.output or ("ar_diffusion" if gts else "embedding" if args.init_run else "velocity")
-    if gts and output != "ar_diffusion":
+        init_info = read_run_config(args.init_run)
+        kind = {"gts": "gts", "csd": "csd"}.get(init_info.get("method"), "dd1")
+    init_output = init_info.get("student", {}).get("output")
+    output = args.output or (init_output if kind in ("gts", "csd") else "embedding" if kind else "velocity")
+    if kind == "gts" and output != "ar_diffusion":
         raise DDError(f"--init-run {args.init_run}: an AR-diffusion init (`dd csd init`) starts an ar_diffusion "
                       f"generator, not --output {output}")
+    head_width = {"gts": init_info.get("student", {}).get("head_width"),
+                  "csd": init_info.get("train", {}).get("head_width")}.get(kind) or args.head_width
     args = dataclasses.replace(args, output=output, init_run=os.path.abspath(args.init_run) if args.init_run else None,
-                               head_width=gts["head_width"] if gts else args.head_width)
+                               head_width=head_width)
 
     # -- generator (a DD student at t = 1), its EMA, the guidance network --
     torch.manual_seed(args.seed)
@@ -173,8 +179,13 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
     update_ema(ema, gen, 0.0)
     guide = GuidanceNet(build_student(teacher, timesteps=(1,), split=0, seed=args.seed + 1).backbone,
                         teacher.step_sizes, teacher.embed_dim, args.head_width).to(device).train()
-    if gts:
+    if kind == "gts":
         guide.load_state_dict(init_state, strict=True)
+    elif kind == "csd":
+        from teachers.checkpoint import load_safetensors
+        from .run_dir import latest_checkpoint
+        guide.load_state_dict(load_safetensors(os.path.join(latest_checkpoint(args.init_run), "guidance.safetensors")),
+                              strict=True)
     opt = PairedOptimizer(
         torch.optim.AdamW(gen.parameters(), lr=args.lr, betas=(0.0, 0.99), weight_decay=args.weight_decay),
         torch.optim.AdamW(guide.parameters(), lr=args.guidance_lr, betas=(0.0, 0.99), weight_decay=0.0))
@@ -243,7 +254,7 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
     n_gen, n_guide = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (gen, guide))
     log(f"csd: {teacher.family} generator {n_gen:.2f}M params (output {output}"
         + (f", from {args.init_run}" if args.init_run else ", from the teacher") + f"), guidance {n_guide:.2f}M"
-        + (" (from the same AR-diffusion init)" if gts else "") + "; "
+        + {"gts": " (from the same AR-diffusion init)", "csd": " (the init run's)"}.get(kind, "") + "; "
         f"K = {csd.guidance_steps}, tau {csd.tau_dist}, weight {csd.weight}; batch {args.batch_size}; "
         f"precision {precision}; {describe_recipe(args)}, guidance lr {args.guidance_lr:g}")
 
@@ -275,8 +286,9 @@ def csd_group() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--init-run", type=click.Path(exists=True, file_okay=False), default=None,
               help="Start from this run: a `dd csd init` run (DD2's AR-diffusion init: both the generator, "
-                   "x = noise - v(noise, tau = 1, shifted noise), and the guidance network) or a DD-1 run "
-                   "(`dd train --timesteps 1`: the generator only, its embedding head). "
+                   "x = noise - v(noise, tau = 1, shifted noise), and the guidance network), a `dd csd train` run "
+                   "(its EMA generator and its guidance network: with --guidance-warmup, DD2's performance "
+                   "alignment) or a DD-1 run (`dd train --timesteps 1`: the generator only, its embedding head). "
                    "Default: a fresh DD student of the teacher with the velocity output.")
 @click.option("--output", type=click.Choice(["embedding", "velocity"]), default=None,
               help="Generator parameterisation: x = head (embedding) or x = noise - head (velocity, DD2). "

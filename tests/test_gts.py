@@ -1,7 +1,8 @@
 """DD2's AR-diffusion (GTS) initialisation (csd.gts_loss, gts_train.py, the "ar_diffusion" generator): the
 loss vanishes at the analytic target, a tiny `dd csd init` lowers it and resumes bit for bit, and
 `dd csd train --init-run GTS` starts the generator as x = ε − v_GTS(ε, τ = 1, shifted ε) and the guidance
-network as the GTS model."""
+network as the GTS model (and --init-run CSD_RUN, the performance alignment, from that run's EMA generator and
+guidance network)."""
 from __future__ import annotations
 
 import json
@@ -139,6 +140,17 @@ def test_gts_init_learns_resumes_and_starts_both_csd_networks(tiny_pairs, tmp_pa
     guide = load_safetensors(f"{latest_checkpoint(str(csd))}/guidance.safetensors")
     ema = load_safetensors(whole / "student.safetensors")
     assert all((guide[k] - v).abs().max() < 1e-6 for k, v in ema.items())
+
+    # performance alignment (App. C.3): --init-run a CSD run restarts from its EMA generator and its guidance network
+    aligned = tmp_path / "aligned"
+    train_csd(CSDTrainArgs(out=str(aligned), teacher=spec.to_dict(), init_run=str(csd), batch_size=4, lr=1e-30,
+                           guidance_lr=1e-30, guidance_steps=1, guidance_warmup=0, max_steps=1, ckpt_every=1,
+                           num_workers=0, ema_decay=0.5, progress=False, device="cpu"), log=lambda s: None)
+    guide2 = load_safetensors(f"{latest_checkpoint(str(aligned))}/guidance.safetensors")
+    assert all((guide2[k] - v).abs().max() < 1e-6 for k, v in guide.items())
+    gen_ema = load_safetensors(csd / "student.safetensors")
+    raw2 = load_safetensors(aligned / "student_raw.safetensors")
+    assert all((raw2[k] - v).abs().max() < 1e-6 for k, v in gen_ema.items())
 
 
 @pytest.mark.parametrize("tiny_teacher", ["var"], indirect=True)
