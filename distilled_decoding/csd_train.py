@@ -50,7 +50,7 @@ from .trainer import (LoopArgs, describe_recipe, loop_options, on_ranks, resolve
                       run_training, update_ema)
 
 STREAM_ARGS = ("batch_size", "seed", "lr", "guidance_lr", "guidance_steps", "guidance_warmup", "tau_dist",
-               "tau_min", "tau_max", "logit_mean", "logit_std", "weight", "head_width", "init_run", "output",
+               "tau_min", "tau_max", "logit_mean", "logit_std", "weight", "head_width", "init_run", "guidance_init", "output",
                "warmup_steps", "lr_schedule", "weight_decay", "ema_decay", "grad_clip", "precision", "sampling")
 ITEMS = 1 << 20          # the virtual data set: item i of epoch e is index e·ITEMS + i (its label, its noise)
 
@@ -63,6 +63,7 @@ class CSDTrainArgs(LoopArgs):
     teacher: dict = dataclasses.field(default_factory=dict)     # TeacherSpec dict
     sampling: dict = dataclasses.field(default_factory=dict)    # overrides of the teacher's default sampling
     init_run: Optional[str] = None
+    guidance_init: Optional[str] = None   # a `dd csd init` run starting the guidance network only
     output: Optional[str] = None      # generator parameterisation; None: embedding with --init-run, else velocity
     guidance_lr: float = 1e-4
     guidance_steps: int = 5
@@ -157,7 +158,16 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
                       f"generator, not --output {output}")
     head_width = {"gts": init_info.get("student", {}).get("head_width"),
                   "csd": init_info.get("train", {}).get("head_width")}.get(kind) or args.head_width
+    if args.guidance_init:
+        from .student_run import read_run_config
+        g_info = read_run_config(args.guidance_init)
+        if g_info.get("method") != "gts":
+            raise DDError(f"--guidance-init {args.guidance_init}: not a `dd csd init` run")
+        if kind in ("gts", "csd"):
+            raise DDError(f"--guidance-init: --init-run {args.init_run} already starts the guidance network")
+        head_width = g_info["student"]["head_width"]
     args = dataclasses.replace(args, output=output, init_run=os.path.abspath(args.init_run) if args.init_run else None,
+                               guidance_init=os.path.abspath(args.guidance_init) if args.guidance_init else None,
                                head_width=head_width)
 
     # -- generator (a DD student at t = 1), its EMA, the guidance network --
@@ -181,6 +191,12 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
                         teacher.step_sizes, teacher.embed_dim, args.head_width).to(device).train()
     if kind == "gts":
         guide.load_state_dict(init_state, strict=True)
+    elif args.guidance_init:
+        g_init, g_info = load_run(args.guidance_init, device, ema=True)
+        if TeacherSpec.from_dict(g_info["teacher"]).load(device).describe() != teacher.describe():
+            raise DDError(f"--guidance-init {args.guidance_init}: trained on another teacher than --teacher {spec.teacher}")
+        guide.load_state_dict(g_init.backbone.state_dict(), strict=True)
+        del g_init
     elif kind == "csd":
         from teachers.checkpoint import load_safetensors
         from .run_dir import latest_checkpoint
@@ -254,7 +270,8 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
     n_gen, n_guide = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (gen, guide))
     log(f"csd: {teacher.family} generator {n_gen:.2f}M params (output {output}"
         + (f", from {args.init_run}" if args.init_run else ", from the teacher") + f"), guidance {n_guide:.2f}M"
-        + {"gts": " (from the same AR-diffusion init)", "csd": " (the init run's)"}.get(kind, "") + "; "
+        + {"gts": " (from the same AR-diffusion init)", "csd": " (the init run's)"}.get(kind, "")
+        + (f" (from the AR-diffusion init {args.guidance_init})" if args.guidance_init else "") + "; "
         f"K = {csd.guidance_steps}, tau {csd.tau_dist}, weight {csd.weight}; batch {args.batch_size}; "
         f"precision {precision}; {describe_recipe(args)}, guidance lr {args.guidance_lr:g}")
 
@@ -290,6 +307,8 @@ def csd_group() -> None:
                    "(its EMA generator and its guidance network: with --guidance-warmup, DD2's performance "
                    "alignment) or a DD-1 run (`dd train --timesteps 1`: the generator only, its embedding head). "
                    "Default: a fresh DD student of the teacher with the velocity output.")
+@click.option("--guidance-init", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Start the guidance network only from this `dd csd init` run (with a DD-1 or no --init-run).")
 @click.option("--output", type=click.Choice(["embedding", "velocity"]), default=None,
               help="Generator parameterisation: x = head (embedding) or x = noise - head (velocity, DD2). "
                    "Default: embedding with a DD-1 --init-run, else velocity (an AR-diffusion init: its own).")
@@ -309,8 +328,8 @@ def csd_group() -> None:
               help="ω(τ): denoiser = τ²/(1 − τ), unit = 1.")
 @teacher_options
 @loop_options(max_steps=2000)
-def csd_train_command(out, init_run, output, guidance_steps, guidance_lr, guidance_warmup, head_width, tau_dist,
-                      tau_min, tau_max, logit_mean, logit_std, weight, teacher_spec, sampling_overrides, no_progress,
+def csd_train_command(out, init_run, guidance_init, output, guidance_steps, guidance_lr, guidance_warmup, head_width,
+                      tau_dist, tau_min, tau_max, logit_mean, logit_std, weight, teacher_spec, sampling_overrides, no_progress,
                       **loop):
     """Train a one-step generator by CSD against a teacher (one process).
 
@@ -324,6 +343,7 @@ def csd_train_command(out, init_run, output, guidance_steps, guidance_lr, guidan
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
     args = CSDTrainArgs(out=out, teacher=teacher_spec.to_dict(), sampling=sampling_overrides, init_run=init_run,
+                        guidance_init=guidance_init,
                         output=output, guidance_lr=guidance_lr, guidance_steps=guidance_steps,
                         guidance_warmup=guidance_warmup, head_width=head_width, tau_dist=tau_dist, tau_min=tau_min,
                         tau_max=tau_max, logit_mean=logit_mean, logit_std=logit_std, weight=weight,

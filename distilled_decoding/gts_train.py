@@ -30,7 +30,6 @@ metrics.jsonl: loss (GTS, per sequence), one (the part of it at τ = 1 positions
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Callable

@@ -60,8 +60,9 @@ def main() -> None:
     ap.add_argument("--csd-steps", type=int, default=200)
     ap.add_argument("--csd-args", default="--guidance-steps 2 --guidance-warmup 100 --lr 1e-4 --guidance-lr 1e-3 "
                     "--ema-decay 0.99", help="more `dd csd train` options")
-    ap.add_argument("--init", default="dd1", choices=["dd1", "gts"],
-                    help="the CSD init: a DD-1 student (generator only) or DD2's AR-diffusion init (both networks)")
+    ap.add_argument("--init", default="dd1", choices=["dd1", "gts", "gts-guidance"],
+                    help="the CSD init: a DD-1 student (generator only), DD2's AR-diffusion init (both networks), "
+                         "or the DD-1 generator with the AR-diffusion guidance network")
     ap.add_argument("--gts-steps", type=int, default=600, help="--init gts: steps of `dd csd init`")
     ap.add_argument("--gts-args", default="--lr 1e-3 --ema-decay 0.99 --freeze-backbone-steps 100",
                     help="--init gts: more `dd csd init` options")
@@ -93,7 +94,7 @@ def main() -> None:
 
     dd1 = os.path.join(out, "dd1")
     train(dd1, train_argv(data, dd1, size, seed) + ["--timesteps", "1", "--split", str(S)])
-    if args.init == "gts":
+    if args.init != "dd1":
         return gts_table(args, name, data, out, size, seed, S, dd1, train, commands)
     csd = os.path.join(out, "csd")
     steps = args.csd_steps
@@ -130,20 +131,23 @@ def main() -> None:
 
 
 def gts_table(args, name, data, out, size, seed, S, dd1, train, commands) -> None:
-    """--init gts: the AR-diffusion init + CSD against the DD-1 student of equal wall-clock."""
+    """--init gts / gts-guidance: the AR-diffusion init (both networks / the guidance network beside a DD-1
+    generator) + CSD against the DD-1 student of equal wall-clock."""
     from distilled_decoding import quality
-    fam = args.family
-    gts, csd = os.path.join(out, "gts"), os.path.join(out, "csd-gts")
+    fam, both = args.family, args.init == "gts"
+    gts, csd = os.path.join(out, "gts"), os.path.join(out, "csd-gts" if both else "csd-gtsg")
     gsteps, steps = args.gts_steps, args.csd_steps
     train(gts, ["csd", "init", "--data", data, "--out", gts, "--max-steps", str(gsteps), "--batch-size",
                 str(size.batch_size), "--ckpt-every", str(gsteps), "--log-every", "50", "--num-workers", "0",
                 "--seed", str(seed), "--device", "cpu", "--no-progress"] + shlex.split(args.gts_args))
-    train(csd, ["csd", "train", "--teacher", name, "--out", csd, "--init-run", gts, "--max-steps", str(steps),
+    init = ["--init-run", gts] if both else ["--init-run", dd1, "--guidance-init", gts]
+    train(csd, ["csd", "train", "--teacher", name, "--out", csd, *init, "--max-steps", str(steps),
                 "--batch-size", str(size.batch_size), "--ckpt-every", str(steps), "--log-every", "10",
                 "--num-workers", "0", "--seed", str(seed), "--device", "cpu", "--no-progress"]
           + shlex.split(args.csd_args))
     t_dd1, t_gts, t_csd = train_seconds(dd1), train_seconds(gts), csd_seconds(csd)
-    eq_steps = max(args.dd1_steps, round((t_gts + t_csd) / t_dd1 * args.dd1_steps))
+    total = t_gts + t_csd + (0.0 if both else t_dd1)
+    eq_steps = max(args.dd1_steps, round(total / t_dd1 * args.dd1_steps))
     dd1_eq = os.path.join(out, f"dd1-equal-{eq_steps}")
     train(dd1_eq, train_argv(data, dd1_eq, size, seed, eq_steps) + ["--timesteps", "1", "--split", str(S)])
     t_eq = train_seconds(dd1_eq)
@@ -151,14 +155,15 @@ def gts_table(args, name, data, out, size, seed, S, dd1, train, commands) -> Non
     methods = [("floor", "teacher, independent draws (floor)", S, ["--run", dd1, "--baseline", "teacher"]),
                ("onestep", "onestep* (token marginals)", 1, ["--data", data, "--baseline", "onestep"]),
                ("gts", f"GTS init alone ({gsteps} steps), direct", 1, ["--run", gts, "--steps", "1"]),
-               ("gts-snap", f"GTS init alone ({gsteps} steps), snapped", 1, ["--run", gts, "--steps", "1", "--snap"]),
-               ("csdg", f"DD2 / CSD, GTS init + {steps} steps, direct", 1, ["--run", csd, "--steps", "1"]),
-               ("csdg-snap", f"DD2 / CSD, GTS init + {steps} steps, snapped", 1,
-                ["--run", csd, "--steps", "1", "--snap"]),
-               (f"dd1eq{eq_steps}-logits", f"DD-1, {eq_steps} steps (equal wall-clock), logits head", 1,
-                ["--run", dd1_eq, "--steps", "1", "--split", str(S)]),
-               (f"dd1eq{eq_steps}-emb", f"DD-1, {eq_steps} steps (equal wall-clock), embedding head", 1,
-                ["--run", dd1_eq, "--steps", "1", "--split", "0"])]
+               ("gts-snap", f"GTS init alone ({gsteps} steps), snapped", 1, ["--run", gts, "--steps", "1", "--snap"])]
+    what, key = ("GTS init", "csdg") if both else ("DD-1 generator + GTS guidance init", "csdgg")
+    methods += [(key, f"DD2 / CSD, {what} + {steps} steps, direct", 1, ["--run", csd, "--steps", "1"]),
+                (f"{key}-snap", f"DD2 / CSD, {what} + {steps} steps, snapped", 1,
+                 ["--run", csd, "--steps", "1", "--snap"]),
+                (f"dd1eq{eq_steps}-logits", f"DD-1, {eq_steps} steps (equal wall-clock), logits head", 1,
+                 ["--run", dd1_eq, "--steps", "1", "--split", str(S)]),
+                (f"dd1eq{eq_steps}-emb", f"DD-1, {eq_steps} steps (equal wall-clock), embedding head", 1,
+                 ["--run", dd1_eq, "--steps", "1", "--split", "0"])]
     old = os.path.join(out, "csd")
     if os.path.exists(os.path.join(old, "config.json")):
         t_old = train_seconds(dd1) + csd_seconds(old)
@@ -166,16 +171,17 @@ def gts_table(args, name, data, out, size, seed, S, dd1, train, commands) -> Non
                         ["--run", old, "--steps", "1", "--snap"]))
     rows, seeds = sample_and_evaluate(methods, ["--run", dd1, "--baseline", "teacher"], os.path.join(out, "samples"),
                                       size, seed, S)
-    title = (f"{name}: DD2 from its AR-diffusion (GTS) init vs DD-1 at equal training wall-clock; "
+    title = (f"{name}: DD2 from {'its AR-diffusion (GTS) init' if both else 'a DD-1 generator and a GTS guidance init'} vs DD-1 at equal training wall-clock; "
              f"{size.num_pairs} teacher sequences / pairs, batch {size.batch_size}; {size.num_samples} samples per "
              f"method and seed, mean ± sd over {len(seeds)} sampling seeds")
-    notes = [f"Training seconds (1 thread, shared machine): GTS init {t_gts:.0f} s ({gsteps} steps); CSD "
-             f"{t_csd:.0f} s (warm-up + {steps} steps); DD2 total {t_gts + t_csd:.0f} s; equal-budget DD-1 "
+    notes = [f"Training seconds (1 thread, shared machine): GTS init {t_gts:.0f} s ({gsteps} steps); "
+             + ("" if both else f"DD-1 generator init {t_dd1:.0f} s ({args.dd1_steps} steps); ")
+             + f"CSD {t_csd:.0f} s (warm-up + {steps} steps); DD2 total {total:.0f} s; equal-budget DD-1 "
              f"{t_eq:.0f} s ({eq_steps} steps, from the DD-1 speed of {dd1}: {args.dd1_steps} steps in "
              f"{t_dd1:.0f} s)."]
     table = quality.format_table(rows, title, notes)
     write_section(os.path.join(args.results, "dd2_digits.md"), "# DD2 (CSD) vs DD-1 on the digits teachers",
-                  f"{fam}-gts", "run_dd2_table.py", table, commands)
+                  f"{fam}-{args.init}", "run_dd2_table.py", table, commands)
 
 if __name__ == "__main__":
     main()
