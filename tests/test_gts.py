@@ -152,6 +152,15 @@ def test_gts_init_learns_resumes_and_starts_both_csd_networks(tiny_pairs, tmp_pa
     raw2 = load_safetensors(aligned / "student_raw.safetensors")
     assert all((raw2[k] - v).abs().max() < 1e-6 for k, v in gen_ema.items())
 
+    # --guidance-init: the guidance network alone from the GTS run (here beside a fresh velocity generator)
+    gonly = tmp_path / "gonly"
+    train_csd(CSDTrainArgs(out=str(gonly), teacher=spec.to_dict(), guidance_init=str(whole), batch_size=4, lr=1e-30,
+                           guidance_lr=1e-30, guidance_steps=1, guidance_warmup=0, max_steps=1, ckpt_every=1,
+                           num_workers=0, ema_decay=0.5, progress=False, device="cpu"), log=lambda s: None)
+    guide3 = load_safetensors(f"{latest_checkpoint(str(gonly))}/guidance.safetensors")
+    assert all((guide3[k] - v).abs().max() < 1e-6 for k, v in ema.items())
+    assert load_run(str(gonly))[0].config.output == "velocity"
+
 
 @pytest.mark.parametrize("tiny_teacher", ["var"], indirect=True)
 def test_ar_diffusion_generator_on_var_reads_the_shifted_noise(tiny_teacher):
