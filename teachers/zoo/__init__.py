@@ -44,7 +44,11 @@ ZOO: dict = {
     "digits-llamagen": ("llamagen", "digits-llamagen", "gpt.", "vq."),
     "digits-var": ("var", "digits-var", "var.", "vae."),
     "digits-dit": ("dit", "digits-dit", "dit.", None),
+    "digits-t2i": ("llamagen", "digits-t2i", "gpt.", "vq."),
 }
+# Zoo teachers that ship a text encoder (teachers/text_encoder.py): name -> prefix of its keys. The
+# loaded teacher's `prompt_encoder` turns prompts into its Caption.
+TEXT_ENCODERS: dict = {"digits-t2i": "text."}
 CLASSIFIER_STEM = "digits-classifier"
 
 # ---- data --------------------------------------------------------------------------------------
@@ -174,18 +178,41 @@ def load(name: str, device: Union[str, torch.device] = "cpu", dtype: Optional[to
     state = load_file(st)
     if pre_k is None:
         return _load_diffusion(name, family, st, meta, state, pre_t, device, dtype)
+    pre_x = TEXT_ENCODERS.get(name)
+    prefixes = tuple(p for p in (pre_t, pre_k, pre_x) if p)
     model_sd = {k[len(pre_t):]: v for k, v in state.items() if k.startswith(pre_t)}
     tok_sd = {k[len(pre_k):]: v for k, v in state.items() if k.startswith(pre_k)}
-    stray = sorted(k for k in state if not (k.startswith(pre_t) or k.startswith(pre_k)))
+    stray = sorted(k for k in state if not k.startswith(prefixes))
     if stray or not model_sd or not tok_sd:
-        raise ValueError(f"{st}: expected keys under {pre_t!r} and {pre_k!r} only (stray: {stray[:5]})")
+        raise ValueError(f"{st}: expected keys under {' and '.join(map(repr, prefixes))} only (stray: {stray[:5]})")
     teacher = family_module(family).load(meta["config"], model_sd, tokenizer_config=meta["tokenizer_config"],
                                          tokenizer_checkpoint=tok_sd, device=device,
                                          dtype=torch.float32 if dtype is None else dtype)
     teacher.default_sampling = SamplingConfig(**meta["default_sampling"])
     sha = file_sha256(st)[:16]          # one file holds both parts
     teacher.ids.update({"zoo": name, "checkpoint": sha, "tokenizer_checkpoint": sha})
+    if pre_x:
+        teacher.prompt_encoder = prompt_encoder(meta, {k[len(pre_x):]: v for k, v in state.items()
+                                                       if k.startswith(pre_x)}, where=st)
     return teacher
+
+
+def prompt_encoder(meta: dict, state: dict, where: str = "text encoder"):
+    """The PromptEncoder of a zoo JSON (`text_encoder_config`, `vocabulary`) and its state dict
+    (strict: a missing, unexpected or misshapen key is named)."""
+    from ..checkpoint import load_strict
+    from ..text_encoder import PromptEncoder, TextEncoder, TextEncoderConfig, WordTokenizer
+
+    cfg = TextEncoderConfig.from_dict(meta["text_encoder_config"])
+    enc = load_strict(lambda: TextEncoder(cfg), state, what=f"{where}: text encoder {cfg}")
+    return PromptEncoder(WordTokenizer(meta["vocabulary"], cfg.slots), enc)
+
+
+def attribute_thresholds(name: str = "digits-t2i"):
+    """The caption attribute thresholds a text-to-image zoo teacher was trained with
+    (`teachers.digit_captions.AttributeThresholds`, from its JSON)."""
+    from ..digit_captions import AttributeThresholds
+    return AttributeThresholds.from_dict(read_meta(ZOO[name][1])["attribute_thresholds"])
 
 
 def _load_diffusion(name, family, st, meta, state, prefix, device, dtype):
