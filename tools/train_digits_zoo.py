@@ -4,6 +4,7 @@
     python tools/train_digits_zoo.py --device cuda --only vqvae var --probe 1000 --eval-per-class 100
     python tools/train_digits_zoo.py                       # everything (classifier too), on the CPU
     python tools/train_digits_zoo.py --eval-only --samples-png /tmp/zoo_samples.png
+    python tools/train_digits_zoo.py --only t2i --probe 1000 --sweep 1.0 3.0     # digits-t2i (CPU, ~20 min)
 
 The two `--device cuda` lines made the shipped teachers (each JSON records its command and device;
 they ran at once on one H200, each in its own copy of the tree); the shipped classifier is the
@@ -28,6 +29,13 @@ What is trained, in order (each phase reseeds from --seed, so phases are reprodu
                   every shift in [-1, 1]^2 (9 copies), class dropout 0.1 (null class = 10) so CFG works.
   5. var          VAR-layout transformer on the VQ-VAE tokens of every shift in [-2, 2]^2 (25 copies),
                   cond drop 0.1.
+  6. t2i          digits-t2i: a LlamaGen-layout text-to-image GPT (8 caption slots) and a small text
+                  encoder (teachers/text_encoder.py), trained jointly on the digits-llamagen VQ's tokens
+                  (the VQ is reused, not retrained) of every shift in [-1, 1]^2. Captions from attributes
+                  measured on each image's VQ reconstruction (teachers/digit_captions.py: "a thick,
+                  slanted seven"); each attribute word left out with p 0.1, the caption replaced by the
+                  null caption with p 0.1 (CFG). Scored by tools/dependence_probe.py's probe_t2i (digit
+                  accuracy, caption agreement, floor, onestep*) on the 40 full captions.
 Then samples of both teachers (their default sampling) are classified and, with --probe N,
 tools/dependence_probe.py measures how much each teacher needs its inter-token dependence
 (onestep*'s FID vs an independent teacher draw, over the teacher-vs-teacher floor); everything is
