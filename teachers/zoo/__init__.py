@@ -8,6 +8,8 @@ a small CNN classifier that scores their samples (FID features and class accurac
     t = load_teacher("digits-llamagen")            # LlamaGen layout: 64 steps of 1 token (8x8 grid)
     t = load_teacher("digits-var")                 # VAR layout: 6 scales (1, 2, 3, 4, 6, 8), 130 tokens
     d = load_teacher("digits-dit")                 # a pixel-space DiT (DiffusionTeacher): d.sample(labels)
+    w = load_teacher("digits-t2i")                 # text-to-image LlamaGen + its own text encoder:
+    w.sample(w.prompt_encoder(["a thick, slanted seven"]), w.default_sampling)
     tokens = t.sample(torch.arange(10), t.default_sampling)
     images = t.decode(tokens)                      # [10, 3, 16, 16] in [0, 1]
 
@@ -15,6 +17,9 @@ a small CNN classifier that scores their samples (FID features and class accurac
     x, y = digits_data("test")                     # the held-out split the teachers never saw
     clf = load_classifier()                        # clf(x) -> logits [N, 10]; clf.features(x) -> [N, 128]
     maps = clf.feature_maps(x)                     # [[N, 32, 16, 16], [N, 64, 8, 8]] (perceptual loss)
+
+digits-t2i's file also holds its text encoder (under "text."; TEXT_ENCODERS), its JSON the encoder
+config, vocabulary and caption attribute thresholds (`attribute_thresholds()`); its VQ is digits-llamagen's.
 
 ZOO maps a name to (family, file stem); the weights and config of `<stem>` live beside this file as
 `<stem>.safetensors` (one file: the transformer under "gpt." / "var.", the tokenizer under "vq." /
