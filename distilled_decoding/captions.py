@@ -10,6 +10,10 @@ official code silently truncates a caption over the slot count; we refuse it.
 **Checked before anything is written**: every prompt line non-empty, every feature file present (the
 error names the prompt), of shape [1, n, D] with D = the model's caption_dim and 1 <= n <= slots.
 
+**A teacher's own text encoder.** A teacher with a `prompt_encoder` (the `digits-t2i` zoo teacher)
+needs only the prompt file: `encode_captions` runs its encoder on the prompts (a prompt outside its
+vocabulary is a one-line error naming it). Feature files, when given, are still read instead.
+
 **Side file.** A data set stores the table once (`captions.safetensors`: features [P, slots, D] fp32,
 mask [P, slots] uint8, the prompts in its metadata); each pair stores a caption index in `labels`.
 """
@@ -134,6 +138,22 @@ def load_captions(prompts_path: str, features_dir: str, slots: int, dim: int) ->
     return CaptionTable(prompts, features, mask, sha)
 
 
+def encode_captions(prompts_path: str, encoder, slots: int, dim: int) -> CaptionTable:
+    """The table of a prompt file made by a teacher's own `prompt_encoder` (prompts -> Caption),
+    checked against the teacher's (slots, dim)."""
+    prompts = read_prompts(prompts_path)
+    with open(prompts_path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    try:
+        cap = encoder(prompts)
+    except ValueError as e:
+        raise CaptionError(f"{prompts_path}: {e}") from e
+    if tuple(cap.features.shape[1:]) != (slots, dim):
+        raise CaptionError(f"the teacher's text encoder gives captions of {list(cap.features.shape[1:])}, the "
+                           f"teacher takes [{slots}, {dim}]")
+    return CaptionTable(prompts, cap.features.float().cpu().contiguous(), cap.mask.cpu(), sha)
+
+
 def teacher_caption_shape(teacher) -> Optional[tuple]:
     """(slots, caption_dim) of a text-conditional teacher; None for a class-conditional one."""
     if not getattr(teacher, "text_conditional", False):
@@ -149,17 +169,24 @@ def caption_shape_if_given(teacher, given: bool) -> Optional[tuple]:
     if shape is None and given:
         raise CaptionError("this teacher is class-conditional: drop --prompts / --caption-features")
     if shape is not None and not given:
-        raise CaptionError("this teacher is text-to-image: give --prompts FILE --caption-features DIR")
+        raise CaptionError("this teacher is text-to-image: give --prompts FILE"
+                           + ("" if getattr(teacher, "prompt_encoder", None) is not None else " --caption-features DIR"))
     return shape
 
 
 def captions_for_teacher(teacher, prompts: Optional[str], features_dir: Optional[str]) -> Optional[CaptionTable]:
     """The table of a command's --prompts / --caption-features, in the teacher's shape (CaptionError
-    unless given together, and exactly when the teacher is text-to-image); None for class labels."""
-    if (prompts is None) != (features_dir is None):
+    unless given exactly when the teacher is text-to-image, and together unless the teacher has its
+    own `prompt_encoder`); None for class labels."""
+    encoder = getattr(teacher, "prompt_encoder", None)
+    if (prompts is None) != (features_dir is None) and not (encoder is not None and features_dir is None):
         raise CaptionError("--prompts and --caption-features go together")
     shape = caption_shape_if_given(teacher, prompts is not None)
-    return None if shape is None else load_captions(prompts, features_dir, *shape)
+    if shape is None:
+        return None
+    if features_dir is None:
+        return encode_captions(prompts, encoder, *shape)
+    return load_captions(prompts, features_dir, *shape)
 
 
 def read_side_table(root: str) -> CaptionTable:

@@ -81,7 +81,8 @@ def flow_map_options(f):
               help="Text-to-image teachers: the prompt file (one prompt a line; pairs cycle over "
               "them as --labels says).")
 @click.option("--caption-features", "caption_features", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Text-to-image teachers: the official feature files, <DIR>/<prompt file stem>/<line>.npy [1, n, D].")
+              help="Text-to-image teachers: the official feature files, <DIR>/<prompt file stem>/<line>.npy [1, n, D] "
+              "(not needed by a teacher with its own text encoder, e.g. digits-t2i).")
 @flow_map_options
 @teacher_options
 def build_dataset_command(out, num_samples, shard_size, batch_size, seed, labels, store_noise, device,

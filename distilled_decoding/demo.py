@@ -8,6 +8,7 @@ Every stage is the real `dd` verb, run in-process with the command line printed 
 doubles as a recipe for a real teacher. FID is measured with the zoo's digits classifier features
 (the Inception network means nothing on 16x16 digits) against the held-out real digits and against
 the teacher's own samples; class accuracy is that classifier's agreement with the requested label.
+`--family t2i` runs the text-to-image zoo teacher digits-t2i on prompts (`run_t2i_demo`).
 """
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ _LLAMAGEN_DEFAULT = DemoSize(num_pairs=8000, train_steps=2500, batch_size=64, lr
 # FAMILY=var` inside its 10 minutes.
 SIZES = {
     "default": {"llamagen": _LLAMAGEN_DEFAULT,
-                "var": dataclasses.replace(_LLAMAGEN_DEFAULT, train_steps=1200)},
+                "var": dataclasses.replace(_LLAMAGEN_DEFAULT, train_steps=1200),
+                # digits-t2i (run_t2i_demo): the LlamaGen budget; 5 rows instead of 7 to sample.
+                "t2i": _LLAMAGEN_DEFAULT},
     # tests/test_demo.py: the smallest LlamaGen run where DD still clearly beats onestep*.
     # Two sampling seeds (not three) keep the slow test short.
     "mini": {"llamagen": DemoSize(num_pairs=3000, train_steps=1000, batch_size=64, lr=3e-3, ema_decay=0.99,
@@ -179,9 +182,98 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
     return info
 
 
+def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
+                 log: Callable[[str], None] = click.echo) -> dict:
+    """`dd demo --family t2i`: the pipeline on the text-to-image zoo teacher digits-t2i, into `out`;
+    -> {"rows", "table", ...} as `run_demo`. The rows of the paper's Table 3 (teacher, DD-1, DD-2)
+    with the quality table's floor and onestep* rows, plus caption agreement (t2i_scores.py). The 40
+    full captions go through the teacher's own text encoder (`dd build-dataset --prompts`, no feature
+    files); `dd sample --prompts` draws them balanced. No teacher-mixed / skip rows and no --compare
+    grid (class-conditional only). Re-running reuses the finished data set and run."""
+    from teachers import load_teacher
+    from teachers.zoo import attribute_thresholds, digits_data
+    from . import quality
+    from .captions import read_prompts
+    from .extractors import DigitsExtractor
+    from .student_run import read_run_config
+    from .t2i_scores import NAME, caption_columns, caption_scorer, write_prompts
+
+    teacher = load_teacher(NAME, device=device)
+    S = teacher.num_steps
+    prompts = write_prompts(out)
+    data, run, smp = (os.path.join(out, d) for d in ("data", "run", "samples"))
+    t0 = time.perf_counter()
+    run_dd(["build-dataset", "--teacher", NAME, "--prompts", prompts, "--out", data, "--num-samples",
+            str(size.num_pairs), "--batch-size", "500", "--shard-size", "2000", "--seed", str(seed),
+            "--device", device], log)
+    t_data = time.perf_counter() - t0
+    train = ["train", "--data", data, "--out", run, "--max-steps", str(size.train_steps),
+             "--batch-size", str(size.batch_size), "--lr", str(size.lr), "--ema-decay", str(size.ema_decay),
+             "--ckpt-every", str(size.train_steps), "--log-every", "100", "--num-workers", "0",
+             "--seed", str(seed), "--device", device, "--split", str(S)]   # all logits, as demo.py says why
+    if os.path.exists(os.path.join(run, "config.json")) or os.path.isdir(os.path.join(run, "checkpoints")):
+        train.append("--resume")
+    run_dd(train, log)
+    t_train = time.perf_counter() - t0 - t_data
+
+    trained = tuple(read_run_config(run)["student"]["timesteps"])
+    t_sample = time.perf_counter()
+    methods = [
+        ("floor", "teacher, independent draws (floor)", S, ["--run", run, "--baseline", "teacher"]),
+        ("dd1", "DD 1-step", 1, ["--run", run, "--steps", "1"]),
+        ("dd2", f"DD 2-step (t = {','.join(map(str, trained))})", 2, ["--run", run, "--steps", "2"]),
+        ("onestep", "onestep* (token marginals per caption)", 1, ["--data", data, "--baseline", "onestep"]),
+    ]
+    ref_seed, seeds = reference_seed(seed), sample_seeds(seed, size.num_seeds)
+    plan = [("teacher", ref_seed, ["--run", run, "--baseline", "teacher"])]
+    plan += [(key, s, extra) for s in seeds for key, _, _, extra in methods]
+    files, spi, used = {}, {}, {}
+    for key, s, extra in plan:
+        d = os.path.join(smp, f"{key}-seed{s}")
+        run_dd(["sample", "--out", d] + extra + ["--prompts", prompts, "--num-samples", str(size.num_samples),
+                "--batch-size", str(size.sample_batch), "--seed", str(s), "--labels", "balanced",
+                "--device", device, "--warmup"], log)
+        files.setdefault(key, []).append(os.path.join(d, "samples.npz"))
+        spi.setdefault(key, []).append(_timing(d)["seconds_per_image"])
+        used.setdefault(key, []).append(s)
+
+    extractor = DigitsExtractor(device)
+    real, _ = digits_data("test")
+    real_f = extractor.features(real.to(extractor.device)).cpu().numpy()
+    train_f = extractor.features(digits_data("train")[0].to(extractor.device)).cpu().numpy()
+    floor_real = quality.real_floor(real_f, train_f, size.num_samples, seed)
+    rows = quality.evaluate_rows([("teacher", f"teacher ({S}-step AR), reference draw", S)]
+                                 + [(key, label, steps) for key, label, steps, _ in methods],
+                                 files, used, real_f, extractor, spi,
+                                 per_file=caption_scorer(read_prompts(prompts), attribute_thresholds(NAME)))
+    t_sample = time.perf_counter() - t_sample
+    P = len(read_prompts(prompts))
+    title = (f"{NAME}: {P} captions, {size.num_pairs} pairs, {size.train_steps} training steps, {size.num_samples} "
+             f"samples per method and seed (balanced over the captions), mean ± sd over {len(seeds)} sampling "
+             f"seeds, FID on digits-classifier features vs {real.shape[0]} held-out digits")
+    notes = [f"Real-vs-real floor of the FID vs real column: {size.num_samples} training digits vs the "
+             f"{real.shape[0]} held-out ones score {floor_real:.2f}. Floor row: the teacher at seeds "
+             f"{','.join(map(str, seeds))} against its reference draw at seed {ref_seed}; precision/recall are "
+             "against that reference (k = 3).",
+             "class acc. = the classifier's digit equals the caption's digit; caption agr. = the digit AND the "
+             "measured thickness and slant (teachers/digit_captions.py, thresholds from the teacher's JSON) "
+             "all match the caption; thickness / slant agr. = each attribute alone."]
+    table = quality.format_table(rows, title, notes, extra_columns=caption_columns())
+    info = {"family": "t2i", "size": dataclasses.asdict(size), "seed": seed, "device": device,
+            "reference_seed": ref_seed, "sample_seeds": seeds, "real_floor_fid": floor_real,
+            "seconds": {"build_dataset": t_data, "train": t_train, "sample_and_eval": t_sample,
+                        "total": time.perf_counter() - t0},
+            "rows": rows, "table": table, "run": run, "prompts": prompts}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    return info
+
+
 @click.command("demo")
-@click.option("--family", type=click.Choice(["llamagen", "var"]), default="llamagen", show_default=True,
-              help="Which shipped digits teacher to distil.")
+@click.option("--family", type=click.Choice(["llamagen", "var", "t2i"]), default="llamagen", show_default=True,
+              help="Which shipped digits teacher to distil (t2i: the text-to-image digits-t2i).")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Output directory. Default: demo_out/<family>.")
 @click.option("--size", "size_name", type=click.Choice(sorted(SIZES)), default="default", show_default=True,
@@ -199,9 +291,13 @@ def demo_cmd(family, out, size_name, seed, device, threads):
     out = out or os.path.join("demo_out", family)
     if family not in SIZES[size_name]:
         raise click.UsageError(f"--size {size_name} has no budget for {family}: {sorted(SIZES[size_name])}")
-    info = run_demo(family, out, SIZES[size_name][family], seed=seed, device=device)
+    if family == "t2i":
+        info = run_t2i_demo(out, SIZES[size_name][family], seed=seed, device=device)
+    else:
+        info = run_demo(family, out, SIZES[size_name][family], seed=seed, device=device)
     s = info["seconds"]
     click.echo(f"\n{info['table']}\n")
-    click.echo(f"build-dataset {s['build_dataset']:.0f}s, train {s['train']:.0f}s, total {s['total']:.0f}s. "
-               f"Comparison grid (rows teacher / DD-1 / DD-2 / teacher-mixed): {info['compare']}")
+    click.echo(f"build-dataset {s['build_dataset']:.0f}s, train {s['train']:.0f}s, total {s['total']:.0f}s."
+               + (f" Comparison grid (rows teacher / DD-1 / DD-2 / teacher-mixed): {info['compare']}"
+                  if "compare" in info else ""))
     click.echo(f"Table: {os.path.join(out, 'table.md')}, all numbers: {os.path.join(out, 'results.json')}")

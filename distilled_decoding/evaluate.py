@@ -53,8 +53,11 @@ def _fmt(v: Optional[float], std: Optional[float] = None) -> str:
               help="Threads decoding image files.")
 @click.option("--overwrite", is_flag=True, default=False,
               help="Replace an existing --ref-stats / --json file (an input is never overwritten).")
+@click.option("--caption-agreement", "caption_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="digits-t2i samples: the prompts.txt `dd sample --prompts` wrote beside them; also report the "
+                   "digit accuracy and caption agreement (digit, thickness and slant; needs --extractor digits).")
 def eval_cmd(samples, ref, ref_stats_out, extractor, inception_path, batch_size, device, json_out, k,
-             splits, limit, save_features, workers, overwrite):
+             splits, limit, save_features, workers, overwrite, caption_file):
     """FID, Inception Score and precision/recall (k-NN, default k=3) of SAMPLES against --ref.
 
     SAMPLES: an ADM-format .npz ('arr_0', uint8 [N, H, W, 3]) or a folder of images. Without --ref only
@@ -70,7 +73,8 @@ def eval_cmd(samples, ref, ref_stats_out, extractor, inception_path, batch_size,
             warnings.simplefilter("always")
             result = run_eval(samples, ref=ref, ref_stats_out=ref_stats_out, extractor=extractor,
                               inception_path=inception_path, batch_size=batch_size, device=device, k=k,
-                              splits=splits, limit=limit, save_features=save_features, workers=workers)
+                              splits=splits, limit=limit, save_features=save_features, workers=workers,
+                              caption_file=caption_file)
     except (EvalInputError, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     for w in caught:
@@ -87,6 +91,10 @@ def eval_cmd(samples, ref, ref_stats_out, extractor, inception_path, batch_size,
             ("IS", _fmt(result["inception_score"], result["inception_score_std"])),
             (f"precision (k={k})", _fmt(result["precision"])),
             (f"recall (k={k})", _fmt(result["recall"]))]
+    if result.get("caption_agreement"):
+        a = result["caption_agreement"]
+        rows += [("digit accuracy", _fmt(a["digit"])), ("caption agreement", _fmt(a["caption"])),
+                 ("thickness agreement", _fmt(a["thickness"])), ("slant agreement", _fmt(a["slant"]))]
     width = max(len(r[0]) for r in rows)
     click.echo(f"{'metric':<{width}}  value")
     for name, val in rows:
@@ -127,8 +135,9 @@ def _check_finite(feats, logits, source, ext: FeatureExtractor) -> None:
 def run_eval(samples: str, ref: Optional[str] = None, ref_stats_out: Optional[str] = None,
              extractor: Optional[str] = None, inception_path: Optional[str] = None, batch_size: int = 50,
              device: str = "auto", k: int = 3, splits: int = 10, limit: Optional[int] = None,
-             save_features: bool = True, workers: int = 8) -> dict:
-    """Everything `dd eval` does except printing; returns the JSON-able result dict."""
+             save_features: bool = True, workers: int = 8, caption_file: Optional[str] = None) -> dict:
+    """Everything `dd eval` does except printing; returns the JSON-able result dict. caption_file: a
+    digits-t2i sample set's prompts.txt (adds "caption_agreement")."""
     device = default_device() if device == "auto" else device
     notes: List[str] = []
     sample_src = open_source(samples, limit=limit, workers=workers)
@@ -155,6 +164,8 @@ def run_eval(samples: str, ref: Optional[str] = None, ref_stats_out: Optional[st
 
     fake, logits = extract_features(ext, sample_src, batch_size, want_logits=True, desc="samples")
     _check_finite(fake, logits, samples, ext)
+    if caption_file:
+        result["caption_agreement"] = _caption_agreement(caption_file, sample_src, logits, ext)
     if logits is None:
         notes.append(f"extractor {ext.name!r} gives no logits: no Inception Score")
     else:
@@ -199,6 +210,25 @@ def run_eval(samples: str, ref: Optional[str] = None, ref_stats_out: Optional[st
                 result["precision"], result["recall"] = precision_recall(real, fake, k=k, device=device)
     result["notes"] = notes
     return result
+
+
+def _caption_agreement(path: str, images: ImageSet, logits, ext: FeatureExtractor) -> dict:
+    """The digits-t2i caption agreement of an image set whose prompts (in order) are in `path`."""
+    import numpy as np
+    from teachers.zoo import attribute_thresholds
+    from .t2i_scores import agreement_of
+
+    if ext.name != "digits" or logits is None or logits.shape[1] != 10:
+        raise EvalInputError(f"--caption-agreement needs --extractor digits (the digits classifier), not {ext.name!r}")
+    with open(path, encoding="utf-8") as f:
+        prompts = [ln.split("\t", 1)[-1] for ln in f.read().splitlines() if ln.strip()]
+    if len(prompts) < images.num:
+        raise EvalInputError(f"{path}: {len(prompts)} prompts for {images.num} images")
+    x = np.concatenate(list(images.batches(500)))
+    try:
+        return agreement_of(prompts[:images.num], x, logits, attribute_thresholds("digits-t2i"))
+    except ValueError as e:
+        raise EvalInputError(f"{path}: {e}") from e
 
 
 def _npz_has_stats(path: str) -> bool:

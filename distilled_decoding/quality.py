@@ -49,9 +49,13 @@ def real_floor(real_feats: np.ndarray, pool_feats: np.ndarray, num: int, seed: i
 
 
 def score(paths: Dict[str, List[str]], reference: str, real_feats: np.ndarray, extractor,
-          timings: Optional[Dict[str, List[float]]] = None, k: int = 3) -> Dict[str, Dict[str, List[float]]]:
+          timings: Optional[Dict[str, List[float]]] = None, k: int = 3,
+          per_file: Optional[Callable[[str, np.ndarray, np.ndarray], Dict[str, float]]] = None
+          ) -> Dict[str, Dict[str, List[float]]]:
     """paths: {key: [samples.npz per seed]}; reference: the teacher's reference samples.npz.
-    -> {key: {metric: [value per seed]}} for METRICS (s_per_image from `timings` when given)."""
+    -> {key: {metric: [value per seed]}} for METRICS (s_per_image from `timings` when given).
+    per_file(path, logits [N, K], labels [N]) -> {metric: value}: more metrics of each file, or
+    replacements (a text-to-image table sets "acc" from caption indices, t2i_demo.py)."""
     from .metrics import feature_stats, frechet_distance, precision_recall
 
     mu_r, s_r = feature_stats(real_feats)
@@ -71,20 +75,27 @@ def score(paths: Dict[str, List[str]], reference: str, real_feats: np.ndarray, e
             rows["recall"].append(rec)
             rows["acc"].append(float((lg.argmax(1) == labels).mean()) if lg is not None else float("nan"))
             rows["s_per_image"].append(timings[key][i] if timings else float("nan"))
+            for m, v in (per_file(p, lg, labels) if per_file else {}).items():
+                if m == "acc":
+                    rows["acc"][-1] = v
+                elif m in METRICS:
+                    raise ValueError(f"per_file may replace 'acc' only, not {m!r}")
+                else:
+                    rows.setdefault(m, []).append(v)
         out[key] = rows
     return out
 
 
 def evaluate_rows(methods: Sequence[tuple], files: Dict[str, List[str]], seeds: Dict[str, List[int]],
                   real_feats: np.ndarray, extractor, timings: Optional[Dict[str, List[float]]] = None,
-                  anchor: str = ONESTEP) -> List[dict]:
+                  anchor: str = ONESTEP, per_file: Optional[Callable] = None) -> List[dict]:
     """methods: [(key, label, steps)] in table order, one key "teacher" (its single file is the
     reference), one "floor" (the teacher at other seeds) and one `anchor` (g = 1: onestep* for DD);
     files/seeds/timings: {key: [per seed]}. -> the rows of `table_rows`, ready for `format_table`."""
     if set(seeds["teacher"]) & set(seeds[FLOOR]):
         raise ValueError(f"the floor row must use other seeds than the reference teacher draw "
                          f"({seeds[FLOOR]} vs {seeds['teacher']})")
-    values = score(files, files["teacher"][0], real_feats, extractor, timings)
+    values = score(files, files["teacher"][0], real_feats, extractor, timings, per_file=per_file)
     return table_rows([{"key": k, "method": label, "steps": steps, "seeds": list(seeds[k]), "values": values[k]}
                        for k, label, steps in methods], anchor=anchor)
 
@@ -122,11 +133,11 @@ def table_rows(rows: List[dict], anchor: str = ONESTEP) -> List[dict]:
     out = []
     for r in rows:
         v = r["values"]
-        m = {k: summarise(v[k]) for k in METRICS}
+        m = {k: summarise(v[k]) for k in v}     # METRICS and any per_file extras
         g = (normalised_gap(printed[r["key"]], printed[FLOOR], printed[anchor])
              if FLOOR in printed and anchor in printed and r["key"] != "teacher" else float("nan"))
         spi = m["s_per_image"][0]
-        out.append({**r, "mean": {k: m[k][0] for k in METRICS}, "spread": {k: m[k][1] for k in METRICS},
+        out.append({**r, "mean": {k: m[k][0] for k in m}, "spread": {k: m[k][1] for k in m},
                     "g": g, "speedup": t_teacher / spi if spi > 0 else float("inf")})
     return out
 

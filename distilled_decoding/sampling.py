@@ -182,7 +182,8 @@ def _fail(msg) -> None:
               help="Text-to-image: the prompt file (samples cycle over the prompts as --labels says; "
               "prompts.txt lists them).")
 @click.option("--caption-features", "caption_features", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Text-to-image: the official feature files, <DIR>/<prompt file stem>/<line>.npy [1, n, D].")
+              help="Text-to-image: the official feature files, <DIR>/<prompt file stem>/<line>.npy [1, n, D] "
+              "(not needed by a teacher with its own text encoder, e.g. digits-t2i).")
 def sample_cmd(out, run, steps, timesteps, split, snap, regen, baseline, skip_fill, data, marginal, compare,
                num_samples, batch_size, seed, labels, device, png, grid_max, ema, warmup, cfg_scale,
                temperature, top_k, top_p, shard_size, verify, no_progress, prompts, caption_features):

@@ -130,6 +130,10 @@ class Teacher(nn.Module):
     image_size: int = 0
     # Capability: the condition is a `Caption` (text features + mask), not class labels.
     text_conditional: bool = False
+    # A text-conditional teacher that ships its own text encoder (the digits-t2i zoo teacher): a
+    # callable prompts [B] (str) -> Caption in the teacher's shape (`teachers.text_encoder.PromptEncoder`).
+    # None: caption features come from elsewhere (precomputed T5 files for the official checkpoints).
+    prompt_encoder = None
     # Capability: `decode` also accepts the tokens of the first k whole AR steps only (and decodes
     # that coarser partial image); downstream code asks this, never the family name.
     decodes_prefix: bool = False

@@ -22,12 +22,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @torch.no_grad()
-def _images(teacher, labels, sampling, seed: int, batch: int = 500) -> torch.Tensor:
+def _images(teacher, labels, sampling, seed: int, batch: int = 500, condition=None) -> torch.Tensor:
+    """Token samples [N, n] for labels [N]; condition: labels -> the teacher's condition (captions)."""
     g = torch.Generator(device=teacher.device).manual_seed(seed)
     out = []
     for i in range(0, len(labels), batch):
-        lab = labels[i:i + batch].to(teacher.device)
-        out.append(teacher.sample(lab, sampling, generator=g).cpu())
+        lab = labels[i:i + batch]
+        cond = lab.to(teacher.device) if condition is None else condition(lab)
+        out.append(teacher.sample(cond, sampling, generator=g).cpu())
     return torch.cat(out)
 
 
@@ -70,6 +72,68 @@ def probe(teacher, clf, sampling=None, n: int = 1000, pool: int = 4000, seed: in
             "class_accuracy": float((la.argmax(1) == labels).float().mean()),
             "onestep_class_accuracy": float((lo.argmax(1) == labels).float().mean()),
             "fid_real": fid("a", "real"), "onestep_fid_real": fid("one", "real")}
+
+
+@torch.no_grad()
+def probe_t2i(teacher, clf, thresholds, sampling=None, n: int = 1000, seed: int = 0, sweep=(),
+              samples_png=None) -> dict:
+    """`probe` for the text-to-image digits teacher (with its `prompt_encoder`): the conditions are
+    the 40 full captions of `teachers.digit_captions.all_captions()`, balanced; onestep* takes each
+    position from its caption-conditional marginal. Adds the digit accuracy and the caption agreement
+    (`caption_agreement`) of the teacher and of onestep*, and with `sweep` both at other CFG scales."""
+    from distilled_decoding.metrics import feature_stats, frechet_distance
+    from distilled_decoding.sampling import TokenMarginals
+    from teachers.digit_captions import all_captions, caption_agreement, parse_caption
+    from teachers.zoo import digits_data
+
+    sampling = sampling or teacher.default_sampling
+    prompts = all_captions()
+    P = len(prompts)
+    table = teacher.prompt_encoder(prompts)
+    attrs = [parse_caption(p) for p in prompts]
+    condition = lambda idx: table[idx.cpu()].to(teacher.device)      # noqa: E731
+    idx = torch.arange(P).repeat(n // P)
+    pool_idx = torch.arange(P).repeat(4 * n // P)
+    dev = next(clf.parameters()).device
+
+    def images(tok):
+        return torch.cat([teacher.decode(tok[i:i + 500].to(teacher.device)).cpu() for i in range(0, len(tok), 500)])
+
+    def scores(img, ids):
+        f, lg = clf.features_and_logits(img.to(dev))
+        agr = caption_agreement([attrs[i] for i in ids.tolist()], lg.argmax(1).cpu(), img, thresholds)
+        return f.cpu(), agr
+
+    img_a = images(_images(teacher, idx, sampling, seed + 1, condition=condition))
+    fa, agr_a = scores(img_a, idx)
+    fb, _ = scores(images(_images(teacher, idx, sampling, seed + 2, condition=condition)), idx)
+    tok_pool = _images(teacher, pool_idx, sampling, seed + 3, condition=condition)
+    one = TokenMarginals(tok_pool, pool_idx, P).sample(idx, torch.Generator().manual_seed(seed + 4))
+    fo, agr_o = scores(images(one), idx)
+    real, _ = digits_data("test")
+    fr, _ = clf.features_and_logits(real.to(dev))
+    st = {k: feature_stats(v.double().numpy()) for k, v in {"a": fa, "b": fb, "one": fo, "real": fr.cpu()}.items()}
+    fid = lambda x, y: max(0.0, frechet_distance(*st[x], *st[y]))   # noqa: E731
+    floor, onestep = fid("b", "a"), fid("one", "a")
+    out = {"sampling": dataclasses.asdict(sampling), "num_samples": len(idx), "prompts": P,
+           "marginal_pool": len(pool_idx), "floor_fid": floor, "onestep_fid": onestep,
+           "ratio": onestep / max(floor, 1e-9), "class_accuracy": agr_a["digit"], "caption_agreement": agr_a,
+           "onestep_class_accuracy": agr_o["digit"], "onestep_caption_agreement": agr_o,
+           "fid_real": fid("a", "real"), "onestep_fid_real": fid("one", "real")}
+    for cfg in sweep:
+        sp = dataclasses.replace(sampling, cfg_scale=cfg)
+        img = images(_images(teacher, idx, sp, seed + 1, condition=condition))
+        out[f"caption_agreement_cfg{cfg}"] = scores(img, idx)[1]
+    if samples_png:
+        from PIL import Image
+        import numpy as np
+        k = 4                                   # columns: samples of each prompt; rows: the 40 prompts
+        pick = torch.stack([torch.nonzero(idx == p).flatten()[:k] for p in range(P)])      # [P, k]
+        grid = img_a[pick.flatten()].view(P // 4, 4 * k, 3, 16, 16)
+        arr = grid.permute(0, 3, 1, 4, 2).reshape(P // 4 * 16, 4 * k * 16, 3).numpy()
+        Image.fromarray((arr * 255).round().astype(np.uint8)).resize((arr.shape[1] * 4, arr.shape[0] * 4),
+                                                                    Image.NEAREST).save(samples_png)
+    return out
 
 
 def main() -> None:

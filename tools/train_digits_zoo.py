@@ -4,6 +4,7 @@
     python tools/train_digits_zoo.py --device cuda --only vqvae var --probe 1000 --eval-per-class 100
     python tools/train_digits_zoo.py                       # everything (classifier too), on the CPU
     python tools/train_digits_zoo.py --eval-only --samples-png /tmp/zoo_samples.png
+    python tools/train_digits_zoo.py --only t2i --probe 1000 --sweep 1.0 3.0     # digits-t2i (CPU, ~20 min)
 
 The two `--device cuda` lines made the shipped teachers (each JSON records its command and device;
 they ran at once on one H200, each in its own copy of the tree); the shipped classifier is the
@@ -28,6 +29,13 @@ What is trained, in order (each phase reseeds from --seed, so phases are reprodu
                   every shift in [-1, 1]^2 (9 copies), class dropout 0.1 (null class = 10) so CFG works.
   5. var          VAR-layout transformer on the VQ-VAE tokens of every shift in [-2, 2]^2 (25 copies),
                   cond drop 0.1.
+  6. t2i          digits-t2i: a LlamaGen-layout text-to-image GPT (8 caption slots) and a small text
+                  encoder (teachers/text_encoder.py), trained jointly on the digits-llamagen VQ's tokens
+                  (the VQ is reused, not retrained) of every shift in [-1, 1]^2. Captions from attributes
+                  measured on each image's VQ reconstruction (teachers/digit_captions.py: "a thick,
+                  slanted seven"); each attribute word left out with p 0.1, the caption replaced by the
+                  null caption with p 0.1 (CFG). Scored by tools/dependence_probe.py's probe_t2i (digit
+                  accuracy, caption agreement, floor, onestep*) on the 40 full captions.
 Then samples of both teachers (their default sampling) are classified and, with --probe N,
 tools/dependence_probe.py measures how much each teacher needs its inter-token dependence
 (onestep*'s FID vs an independent teacher draw, over the teacher-vs-teacher floor); everything is
@@ -92,6 +100,11 @@ VQ_CONFIG = dict(codebook_size=128, codebook_embed_dim=8, codebook_l2_norm=True,
 GPT_CONFIG = dict(dim=64, n_layer=3, n_head=4, multiple_of=32, vocab_size=128, block_size=64,
                   num_classes=10, class_dropout_prob=0.1, cls_token_num=1, model_type="c2i",
                   token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+# digits-t2i: the c2i GPT's size, 8 caption slots of the small text encoder's 32-d features.
+T2I_CONFIG = dict(dim=64, n_layer=3, n_head=4, multiple_of=32, vocab_size=128, block_size=64,
+                  num_classes=0, class_dropout_prob=0.1, cls_token_num=8, caption_dim=32, model_type="t2i",
+                  token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+T2I_TEXT_CONFIG = dict(vocab_size=17, slots=8, dim=32, n_layer=2, n_head=2, out_dim=32)
 VAE_CONFIG = dict(V=64, Cvae=8, ch=32, ch_mult=[1, 1], num_res_blocks=1, using_sa=True, using_mid_sa=True,
                   using_znorm=False, quant_conv_ks=3, quant_resi=0.5, share_quant_resi=4,
                   patch_nums=list(PATCH_NUMS))
@@ -101,6 +114,7 @@ VAR_CONFIG = dict(depth=3, embed_dim=64, num_heads=4, mlp_ratio=4.0, norm_eps=1e
 
 # DD's teacher sampling on these teachers (see the JSON's "sampling_note").
 LLAMAGEN_SAMPLING = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0)
+T2I_SAMPLING = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0)
 # VAR: guidance 1.0 under VAR's linear ramp (1 at the first scale, 2 at the last). On the +-2 px shifted
 # data the paper's 2.0 collapses samples toward a few centred modes (FID vs held-out digits 92 vs 71,
 # measured by tools/dependence_probe.py on the same weights).
@@ -420,6 +434,80 @@ def train_var(args, vae, xtr, ytr, xte, yte):
     return model, {"test_nll_nats_per_token": nll, "test_nll_per_scale": per_scale, "train_sequences": len(toks)}
 
 
+# ---- 6. the text-to-image GPT and its text encoder ----------------------------------------------
+def t2i_captions(vq, xtr, ytr):
+    """Captions of the train images from attributes measured on their VQ reconstructions (what the GPT
+    models and what a sample's measurement sees). -> (thresholds, per image the ids [N, 4, slots] and
+    masks of its four caption variants: full, no thickness, no slant, digit only)."""
+    from teachers.digit_captions import AttributeThresholds, CaptionAttributes, VOCABULARY, caption_text
+    from teachers.text_encoder import WordTokenizer
+
+    with torch.no_grad():
+        rec = encode_all(lambda x: ((vq.decode_code(vq.encode(x * 2 - 1)) + 1) / 2).clamp(0, 1), xtr)
+    th = AttributeThresholds.fit(rec.cpu(), ytr.cpu())
+    tok = WordTokenizer(VOCABULARY, T2I_TEXT_CONFIG["slots"])
+    texts = []
+    for c in th.captions(rec.cpu(), ytr.cpu()):
+        texts += [caption_text(c), caption_text(CaptionAttributes(c.label, None, c.slanted)),
+                  caption_text(CaptionAttributes(c.label, c.thick, None)), caption_text(CaptionAttributes(c.label))]
+    ids, mask = tok(texts)
+    S = T2I_TEXT_CONFIG["slots"]
+    return th, ids.view(-1, 4, S).to(DEVICE), mask.view(-1, 4, S).to(DEVICE), rec
+
+
+def train_t2i(args, vq, xtr, ytr, xte, yte):
+    """The t2i GPT and the text encoder, jointly, on the VQ tokens of every shift in [-s, s]^2. Each
+    attribute word is left out with probability --t2i-attr-drop (so "a seven" is a prompt too), and
+    the whole caption is replaced by the null caption with probability 0.1 (CFG)."""
+    from teachers.text_encoder import TextEncoder, TextEncoderConfig
+
+    g = seed_all(args.seed + 6)
+    th, ids, masks, rec = t2i_captions(vq, xtr, ytr)
+    n0 = len(xtr)
+    xa, _ = all_shifts(xtr, ytr, args.gpt_shift)
+    toks = encode_all(lambda x: vq.encode(x * 2 - 1), xa)                     # [9*1500, 64]
+    cfg = GPTConfig.from_dict(T2I_CONFIG)
+    gpt = GPT(cfg).to(DEVICE)
+    enc = TextEncoder(TextEncoderConfig.from_dict(T2I_TEXT_CONFIG)).to(DEVICE)
+    model = torch.nn.ModuleDict({"gpt": gpt, "text": enc})
+    p_drop = args.t2i_attr_drop
+    # variant probabilities: full, no thickness, no slant, digit only
+    pv = torch.tensor([(1 - p_drop) ** 2, p_drop * (1 - p_drop), (1 - p_drop) * p_drop, p_drop ** 2])
+
+    def condition(img, variant, g):
+        i, m = ids[img, variant], masks[img, variant]
+        f = enc(i, m)
+        drop = torch.rand(len(img), generator=g).to(DEVICE) < 0.1
+        f = torch.where(drop[:, None, None], gpt.null_condition(len(img)).to(f.dtype), f)
+        return f, m
+
+    def loss_fn(idx, g):
+        t = toks[idx]
+        variant = torch.multinomial(pv, len(idx), replacement=True, generator=g).to(DEVICE)
+        f, m = condition(idx % n0, variant, g)
+        return F.cross_entropy(gpt(f, t, m).flatten(0, 1), t.flatten())
+
+    train_ar(args, "t2i", model, loss_fn, len(toks), 0, g, args.t2i_steps, args.gpt_lr)
+    with torch.no_grad():
+        c = (2 * args.gpt_shift + 1) ** 2 // 2                                   # the unshifted copy
+        t_tr = toks[c * n0:(c + 1) * n0]
+        f = enc(ids[:, 0], masks[:, 0])
+        nll_tr = F.cross_entropy(gpt(f, t_tr, masks[:, 0]).flatten(0, 1), t_tr.flatten()).item()
+        fn = gpt.null_condition(n0)
+        nll_null = F.cross_entropy(gpt(fn, t_tr, masks[:, 0]).flatten(0, 1), t_tr.flatten()).item()
+        # held-out: captions of the test images measured with the train thresholds
+        from teachers.digit_captions import VOCABULARY, caption_text
+        from teachers.text_encoder import WordTokenizer
+        rec_te = ((vq.decode_code(vq.encode(xte * 2 - 1)) + 1) / 2).clamp(0, 1)
+        i_te, m_te = WordTokenizer(VOCABULARY, T2I_TEXT_CONFIG["slots"])(
+            [caption_text(c) for c in th.captions(rec_te.cpu(), yte.cpu())])
+        i_te, m_te = i_te.to(DEVICE), m_te.to(DEVICE)
+        toks_te = vq.encode(xte * 2 - 1)
+        nll_te = F.cross_entropy(gpt(enc(i_te, m_te), toks_te, m_te).flatten(0, 1), toks_te.flatten()).item()
+    return gpt, enc, th, {"test_nll_nats_per_token": nll_te, "train_nll_nats_per_token": nll_tr,
+                          "train_nll_null_caption": nll_null, "train_sequences": len(toks)}
+
+
 # ---- evaluation of the teachers -----------------------------------------------------------------
 @torch.no_grad()
 def sample_accuracy(teacher, clf, sampling, per_class: int, seed: int):
@@ -511,6 +599,10 @@ def main():
     ap.add_argument("--gpt-lr", type=float, default=3e-3)
     ap.add_argument("--var-steps", type=int, default=1500)
     ap.add_argument("--var-lr", type=float, default=3e-3)
+    ap.add_argument("--t2i-steps", type=int, default=4000)
+    ap.add_argument("--t2i-attr-drop", type=float, default=0.1,
+                    help="digits-t2i: probability of leaving each attribute word out of a training caption")
+    ap.add_argument("--t2i-cfg", type=float, default=T2I_SAMPLING.cfg_scale, help="digits-t2i teacher's default CFG")
     ap.add_argument("--ar-batch", type=int, default=64)
     ap.add_argument("--gpt-dim", type=int, default=GPT_CONFIG["dim"])
     ap.add_argument("--var-dim", type=int, default=VAR_CONFIG["embed_dim"])
@@ -573,7 +665,7 @@ def main():
         evaluate(args, teachers, clf, xte, yte, args.eval_per_class)
         return
 
-    phases = args.only or ["classifier", "vq", "vqvae", "gpt", "var"]
+    phases = args.only or ["classifier", "vq", "vqvae", "gpt", "var", "t2i"]
     times = {}
 
     if "classifier" in phases:
@@ -626,6 +718,11 @@ def main():
     else:
         vmodel, var_res = zoo.load("digits-var", device=DEVICE).var, zoo.read_meta("digits-var")["metrics"]
 
+    if "t2i" in phases:
+        run_t2i(args, vq, vq_res, clf, xtr, ytr, xte, yte, common)
+        if not {"vq", "vqvae", "gpt", "var"} & set(phases):
+            return
+
     teachers = {"digits-llamagen": llamagen.load(GPT_CONFIG, gpt.state_dict(), tokenizer_config=VQ_CONFIG,
                                                  tokenizer_checkpoint=vq.state_dict(), device=DEVICE),
                 "digits-var": var.load(VAR_CONFIG, vmodel.state_dict(), tokenizer_config=VAE_CONFIG,
@@ -667,6 +764,48 @@ def main():
                         "tokenizer_steps": args.vq_steps, "tokenizer_batch": args.vq_batch},
               "tokenizer_metrics": vae_res, "metrics": var_res, "samples": ev["digits-var"],
               "time": {k: times.get(k) for k in ("vqvae", "var")}, **common})
+
+
+def run_t2i(args, vq, vq_res, clf, xtr, ytr, xte, yte, common):
+    """Phase t2i: train, evaluate and save digits-t2i (its VQ is digits-llamagen's, reused as is)."""
+    from teachers.digit_captions import VOCABULARY
+    from teachers.text_encoder import PromptEncoder, TextEncoder, TextEncoderConfig, WordTokenizer
+
+    t = Timer()
+    gpt, enc, th, res = train_t2i(args, vq, xtr, ytr, xte, yte)
+    t_train = t.read()
+    log(f"t2i GPT: held-out NLL {res['test_nll_nats_per_token']:.4f} nats/token (train "
+        f"{res['train_nll_nats_per_token']:.4f}, null caption {res['train_nll_null_caption']:.4f}) [{t_train}]")
+    teacher = llamagen.load(T2I_CONFIG, gpt.state_dict(), tokenizer_config=VQ_CONFIG,
+                            tokenizer_checkpoint=vq.state_dict(), device=DEVICE)
+    sampling = dataclasses.replace(T2I_SAMPLING, cfg_scale=args.t2i_cfg)
+    teacher.default_sampling = sampling
+    enc_cpu = TextEncoder(TextEncoderConfig.from_dict(T2I_TEXT_CONFIG))
+    enc_cpu.load_state_dict({k: v.cpu() for k, v in enc.state_dict().items()})
+    teacher.prompt_encoder = PromptEncoder(WordTokenizer(VOCABULARY, T2I_TEXT_CONFIG["slots"]), enc_cpu)
+    t = Timer()
+    from dependence_probe import probe_t2i
+    ev = probe_t2i(teacher, clf, th, sampling, n=args.probe or 1000, seed=args.seed + 200,
+                   sweep=args.sweep or (), samples_png=args.samples_png)
+    log(f"digits-t2i: {ev}")
+    t_eval = t.read()
+    save(args.out, "digits-t2i", {**prefixed("gpt.", gpt.state_dict()), **prefixed("vq.", vq.state_dict()),
+                                   **prefixed("text.", enc.state_dict())},
+         {"family": "llamagen", "config": T2I_CONFIG, "tokenizer_config": VQ_CONFIG,
+          "text_encoder_config": T2I_TEXT_CONFIG, "vocabulary": list(VOCABULARY),
+          "attribute_thresholds": th.to_dict(),
+          "captions": "teachers/digit_captions.py: 'a [thin|thick][,] [upright|slanted] DIGIT'; attributes "
+                      "measured on the VQ reconstruction of each unshifted train image (ink mass and slant vs "
+                      "the per-digit medians = attribute_thresholds); every shift of an image keeps its caption",
+          "default_sampling": sampling.to_dict(),
+          "sampling_note": "cfg 2.0 like digits-llamagen; no top-k, top-p off.",
+          "image_size": 16, "num_tokens": 64,
+          "tokenizer": "the digits-llamagen VQ, copied unchanged (same 16x16 -> 64 tokens); not retrained",
+          "train": {"steps": args.t2i_steps, "batch": args.ar_batch, "lr": args.gpt_lr, "ema": args.ema,
+                    "shift": args.gpt_shift, "attribute_drop": args.t2i_attr_drop, "caption_drop": 0.1,
+                    "joint": "GPT and text encoder trained together on the token cross-entropy"},
+          "tokenizer_metrics": vq_res, "metrics": res, "samples": ev,
+          "time": {"t2i": t_train, "eval": t_eval}, **common})
 
 
 if __name__ == "__main__":

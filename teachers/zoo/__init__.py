@@ -8,6 +8,8 @@ a small CNN classifier that scores their samples (FID features and class accurac
     t = load_teacher("digits-llamagen")            # LlamaGen layout: 64 steps of 1 token (8x8 grid)
     t = load_teacher("digits-var")                 # VAR layout: 6 scales (1, 2, 3, 4, 6, 8), 130 tokens
     d = load_teacher("digits-dit")                 # a pixel-space DiT (DiffusionTeacher): d.sample(labels)
+    w = load_teacher("digits-t2i")                 # text-to-image LlamaGen + its own text encoder:
+    w.sample(w.prompt_encoder(["a thick, slanted seven"]), w.default_sampling)
     tokens = t.sample(torch.arange(10), t.default_sampling)
     images = t.decode(tokens)                      # [10, 3, 16, 16] in [0, 1]
 
@@ -15,6 +17,9 @@ a small CNN classifier that scores their samples (FID features and class accurac
     x, y = digits_data("test")                     # the held-out split the teachers never saw
     clf = load_classifier()                        # clf(x) -> logits [N, 10]; clf.features(x) -> [N, 128]
     maps = clf.feature_maps(x)                     # [[N, 32, 16, 16], [N, 64, 8, 8]] (perceptual loss)
+
+digits-t2i's file also holds its text encoder (under "text."; TEXT_ENCODERS), its JSON the encoder
+config, vocabulary and caption attribute thresholds (`attribute_thresholds()`); its VQ is digits-llamagen's.
 
 ZOO maps a name to (family, file stem); the weights and config of `<stem>` live beside this file as
 `<stem>.safetensors` (one file: the transformer under "gpt." / "var.", the tokenizer under "vq." /
@@ -44,7 +49,11 @@ ZOO: dict = {
     "digits-llamagen": ("llamagen", "digits-llamagen", "gpt.", "vq."),
     "digits-var": ("var", "digits-var", "var.", "vae."),
     "digits-dit": ("dit", "digits-dit", "dit.", None),
+    "digits-t2i": ("llamagen", "digits-t2i", "gpt.", "vq."),
 }
+# Zoo teachers that ship a text encoder (teachers/text_encoder.py): name -> prefix of its keys. The
+# loaded teacher's `prompt_encoder` turns prompts into its Caption.
+TEXT_ENCODERS: dict = {"digits-t2i": "text."}
 CLASSIFIER_STEM = "digits-classifier"
 
 # ---- data --------------------------------------------------------------------------------------
@@ -174,18 +183,41 @@ def load(name: str, device: Union[str, torch.device] = "cpu", dtype: Optional[to
     state = load_file(st)
     if pre_k is None:
         return _load_diffusion(name, family, st, meta, state, pre_t, device, dtype)
+    pre_x = TEXT_ENCODERS.get(name)
+    prefixes = tuple(p for p in (pre_t, pre_k, pre_x) if p)
     model_sd = {k[len(pre_t):]: v for k, v in state.items() if k.startswith(pre_t)}
     tok_sd = {k[len(pre_k):]: v for k, v in state.items() if k.startswith(pre_k)}
-    stray = sorted(k for k in state if not (k.startswith(pre_t) or k.startswith(pre_k)))
+    stray = sorted(k for k in state if not k.startswith(prefixes))
     if stray or not model_sd or not tok_sd:
-        raise ValueError(f"{st}: expected keys under {pre_t!r} and {pre_k!r} only (stray: {stray[:5]})")
+        raise ValueError(f"{st}: expected keys under {' and '.join(map(repr, prefixes))} only (stray: {stray[:5]})")
     teacher = family_module(family).load(meta["config"], model_sd, tokenizer_config=meta["tokenizer_config"],
                                          tokenizer_checkpoint=tok_sd, device=device,
                                          dtype=torch.float32 if dtype is None else dtype)
     teacher.default_sampling = SamplingConfig(**meta["default_sampling"])
     sha = file_sha256(st)[:16]          # one file holds both parts
     teacher.ids.update({"zoo": name, "checkpoint": sha, "tokenizer_checkpoint": sha})
+    if pre_x:
+        teacher.prompt_encoder = prompt_encoder(meta, {k[len(pre_x):]: v for k, v in state.items()
+                                                       if k.startswith(pre_x)}, where=st)
     return teacher
+
+
+def prompt_encoder(meta: dict, state: dict, where: str = "text encoder"):
+    """The PromptEncoder of a zoo JSON (`text_encoder_config`, `vocabulary`) and its state dict
+    (strict: a missing, unexpected or misshapen key is named)."""
+    from ..checkpoint import load_strict
+    from ..text_encoder import PromptEncoder, TextEncoder, TextEncoderConfig, WordTokenizer
+
+    cfg = TextEncoderConfig.from_dict(meta["text_encoder_config"])
+    enc = load_strict(lambda: TextEncoder(cfg), state, what=f"{where}: text encoder {cfg}")
+    return PromptEncoder(WordTokenizer(meta["vocabulary"], cfg.slots), enc)
+
+
+def attribute_thresholds(name: str = "digits-t2i"):
+    """The caption attribute thresholds a text-to-image zoo teacher was trained with
+    (`teachers.digit_captions.AttributeThresholds`, from its JSON)."""
+    from ..digit_captions import AttributeThresholds
+    return AttributeThresholds.from_dict(read_meta(ZOO[name][1])["attribute_thresholds"])
 
 
 def _load_diffusion(name, family, st, meta, state, prefix, device, dtype):
