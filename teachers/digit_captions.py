@@ -18,18 +18,18 @@ both words are equally frequent for every digit (the zoo JSON stores them).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from .text_encoder import split_words
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 THICKNESS_WORDS = ("thin", "thick")        # index = thick (bool)
 SLANT_WORDS = ("upright", "slanted")       # index = slanted (bool)
 # The word vocabulary of the digits text encoder; id 0 is padding.
 VOCABULARY = ("<pad>", "a", ",") + THICKNESS_WORDS + SLANT_WORDS + DIGIT_WORDS
-_WORD = re.compile(r"[a-z]+|,")
 
 
 @dataclass(frozen=True)
@@ -51,18 +51,9 @@ def caption_text(a: CaptionAttributes) -> str:
     return " ".join(["a", ", ".join(words), DIGIT_WORDS[a.label]] if words else ["a", DIGIT_WORDS[a.label]])
 
 
-def words_of(text: str) -> List[str]:
-    """Lower-cased words and commas of a caption; ValueError (one line) on any other character."""
-    t = text.strip().lower()
-    left = _WORD.sub("", t).replace(" ", "")
-    if left:
-        raise ValueError(f"caption {text!r}: unexpected characters {left!r} (only words and commas)")
-    return _WORD.findall(t)
-
-
 def parse_caption(text: str) -> CaptionAttributes:
     """The inverse of `caption_text`; ValueError (one line, naming the caption) outside the grammar."""
-    w = words_of(text)
+    w = split_words(text)
     bad = ValueError(f"caption {text!r} is not of the form \"a [thin|thick][,] [upright|slanted] DIGIT\" "
                      f"(DIGIT one of {', '.join(DIGIT_WORDS)})")
     if len(w) < 2 or w[0] != "a" or w[-1] not in DIGIT_WORDS:

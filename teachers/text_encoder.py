@@ -27,6 +27,15 @@ from .base import Caption
 _WORD = re.compile(r"[a-z]+|,")
 
 
+def split_words(text: str) -> list:
+    """Lower-cased words and commas of a prompt; a one-line ValueError naming it on any other character."""
+    t = text.strip().lower()
+    odd = _WORD.sub("", t).replace(" ", "")
+    if odd:
+        raise ValueError(f"caption {text!r}: characters {odd!r} are not words of the text encoder")
+    return _WORD.findall(t)
+
+
 @dataclass(frozen=True)
 class TextEncoderConfig:
     vocab_size: int = 17
@@ -62,11 +71,7 @@ class WordTokenizer:
     def __call__(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         ids = torch.zeros(len(prompts), self.slots, dtype=torch.long)
         for b, text in enumerate(prompts):
-            t = text.strip().lower()
-            odd = _WORD.sub("", t).replace(" ", "")
-            if odd:
-                raise ValueError(f"prompt {text!r}: characters {odd!r} are not words of the text encoder")
-            words = _WORD.findall(t)
+            words = split_words(text)
             unknown = [w for w in words if w not in self._ids or self._ids[w] == 0]
             if unknown:
                 raise ValueError(f"prompt {text!r}: unknown word(s) {unknown}; the text encoder knows "
