@@ -69,6 +69,21 @@ class CSDConfig:
             raise ValueError(f"guidance_steps must be >= 1, got {self.guidance_steps}")
 
 
+def tau_options(f: Callable) -> Callable:
+    """The τ-draw options of `dd csd train` and `dd csd init` (CSDConfig's fields and defaults)."""
+    import click
+
+    d = CSDConfig()
+    for opt in reversed((
+            click.option("--tau-dist", type=click.Choice(list(TAU_DISTS)), default=d.tau_dist, show_default=True),
+            click.option("--tau-min", default=d.tau_min, show_default=True, type=float),
+            click.option("--tau-max", default=d.tau_max, show_default=True, type=float),
+            click.option("--logit-mean", default=d.logit_mean, show_default=True, type=float),
+            click.option("--logit-std", default=d.logit_std, show_default=True, type=float))):
+        f = opt(f)
+    return f
+
+
 def sample_tau(shape, config: CSDConfig = CSDConfig(), *, generator: Optional[torch.Generator] = None,
                device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-position times [*shape] in [tau_min, tau_max], drawn as `config.tau_dist` says."""

@@ -37,14 +37,13 @@ import click
 import torch
 from torch.utils.data import Dataset
 
-from .csd import CSDConfig, diffuse, generator_loss, guidance_loss, sample_tau, score_from_velocity, teacher_score
+from .csd import CSDConfig, tau_options, diffuse, generator_loss, guidance_loss, sample_tau, score_from_velocity, teacher_score
 from .csd_nets import GuidanceNet, generate, teacher_logp
 from .errors import DDError
-from .fileio import save_state_dict
-from .run_dir import claim_run_dir, publish
+from .run_dir import claim_run_dir
 from .seeding import sample_labels, sample_seed
 from .student import build_student
-from .student_run import CODEBOOK_FILE, load_run, write_run_config
+from .student_run import load_run, publish_checkpoint
 from .teacher_spec import teacher_options
 from .trainer import (LoopArgs, describe_recipe, loop_options, on_ranks, resolve_precision, resume_or_refuse,
                       run_training, update_ema)
@@ -276,10 +275,7 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
         f"precision {precision}; {describe_recipe(args)}, guidance lr {args.guidance_lr:g}")
 
     def on_checkpoint(path: str, at: int) -> None:
-        publish(out, path)
-        if not os.path.exists(os.path.join(out, CODEBOOK_FILE)):
-            save_state_dict(os.path.join(out, CODEBOOK_FILE), {"codebook": codebook.float()})
-        write_run_config(out, gen.config, dict(run_info, step=at, weights="ema"))
+        publish_checkpoint(out, path, gen.config, codebook, dict(run_info, step=at))
 
     os.makedirs(out, exist_ok=True)
     return run_training(
@@ -319,11 +315,7 @@ def csd_group() -> None:
               help="Guidance updates on the initial generator before the first generator update.")
 @click.option("--head-width", default=256, show_default=True, type=click.IntRange(min=1),
               help="Hidden width of the guidance network's MLP head.")
-@click.option("--tau-dist", type=click.Choice(["logit_normal", "uniform"]), default="logit_normal", show_default=True)
-@click.option("--tau-min", default=0.02, show_default=True, type=float)
-@click.option("--tau-max", default=0.98, show_default=True, type=float)
-@click.option("--logit-mean", default=-1.0, show_default=True, type=float)
-@click.option("--logit-std", default=1.5, show_default=True, type=float)
+@tau_options
 @click.option("--weight", type=click.Choice(["denoiser", "unit"]), default="denoiser", show_default=True,
               help="ω(τ): denoiser = τ²/(1 − τ), unit = 1.")
 @teacher_options

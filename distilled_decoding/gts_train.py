@@ -38,16 +38,16 @@ import click
 import torch
 from torch.utils.data import Dataset
 
-from .csd import CSDConfig, diffuse, gts_loss, gts_target, sample_tau
+from .csd import CSDConfig, tau_options, diffuse, gts_loss, gts_target, sample_tau
 from .csd_nets import teacher_logp
 from .dataset import PairDataset
 from .errors import DDError
-from .fileio import file_sha256, save_state_dict
+from .fileio import file_sha256
 from .pairs import teacher_differences
-from .run_dir import claim_run_dir, publish
+from .run_dir import claim_run_dir
 from .seeding import sample_seed
 from .student import build_student
-from .student_run import CODEBOOK_FILE, write_run_config
+from .student_run import publish_checkpoint
 from .trainer import (LoopArgs, describe_recipe, loop_options, on_ranks, resolve_precision, resolve_recipe,
                       resume_or_refuse, run_training, update_ema)
 
@@ -179,10 +179,7 @@ def _train(args: GTSInitArgs, rank: int, world: int, device: str, log: Callable[
         f"{args.freeze_backbone_steps} steps; precision {precision}; {describe_recipe(args)}")
 
     def on_checkpoint(path: str, at: int) -> None:
-        publish(out, path)
-        if not os.path.exists(os.path.join(out, CODEBOOK_FILE)):
-            save_state_dict(os.path.join(out, CODEBOOK_FILE), {"codebook": codebook.float()})
-        write_run_config(out, model.config, dict(run_info, step=at, weights="ema"))
+        publish_checkpoint(out, path, model.config, codebook, dict(run_info, step=at))
 
     os.makedirs(out, exist_ok=True)
     return run_training(
@@ -202,11 +199,7 @@ def _train(args: GTSInitArgs, rank: int, world: int, device: str, log: Callable[
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--head-width", default=256, show_default=True, type=click.IntRange(min=1),
               help="Hidden width of the MLP head (the guidance network's --head-width).")
-@click.option("--tau-dist", type=click.Choice(["logit_normal", "uniform"]), default="logit_normal", show_default=True)
-@click.option("--tau-min", default=0.02, show_default=True, type=float)
-@click.option("--tau-max", default=0.98, show_default=True, type=float)
-@click.option("--logit-mean", default=-1.0, show_default=True, type=float)
-@click.option("--logit-std", default=1.5, show_default=True, type=float)
+@tau_options
 @click.option("--tau-one", default=0.1, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Fraction of positions at τ = 1 (the generator's time).")
 @click.option("--draws", default=1, show_default=True, type=click.IntRange(min=1),

@@ -13,7 +13,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .run_dir import CONFIG_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE, read_run_config as _read_config, write_run_config as _write_config
+from .run_dir import (CONFIG_FILE, RAW_WEIGHTS_FILE, WEIGHTS_FILE, publish, read_run_config as _read_config,
+                      write_run_config as _write_config)
 from .fileio import save_state_dict
 from .student import DDStudent, StudentConfig, build_backbone_loaded
 
@@ -46,6 +47,15 @@ def save_run(run_dir: str, student: DDStudent, ema_state: Optional[dict], config
 
 def write_run_config(run_dir: str, config: StudentConfig, extra: dict) -> None:
     _write_config(run_dir, RUN_FORMAT, RUN_FORMAT_VERSION, dict(extra, student=config.to_dict()))
+
+
+def publish_checkpoint(run_dir: str, ckpt: str, config: StudentConfig, codebook: torch.Tensor, info: dict) -> None:
+    """Point a training run's student files at checkpoint `ckpt` (EMA as student.safetensors), write the
+    codebook [V, C] once and config.json: what makes every trainer's run directory a `load_run` run."""
+    publish(run_dir, ckpt)
+    if not os.path.exists(os.path.join(run_dir, CODEBOOK_FILE)):
+        save_state_dict(os.path.join(run_dir, CODEBOOK_FILE), {"codebook": codebook.float()})
+    write_run_config(run_dir, config, dict(info, weights="ema"))
 
 
 def read_run_config(run_dir: str) -> dict:

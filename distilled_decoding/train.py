@@ -42,13 +42,13 @@ from torch.utils.data import Dataset
 from .dataset import PairDataset
 from .dd_loss import EMB_LOSSES, dd_h_loss, dd_loss, make_emb_loss
 from .distributed import barrier
-from .fileio import file_sha256, save_state_dict
+from .fileio import file_sha256
 from .errors import DDError
 from .pairs import teacher_differences
-from .run_dir import claim_run_dir, publish
+from .run_dir import claim_run_dir
 from .seeding import sample_timestep
-from .student import DDStudent, build_student
-from .student_run import CODEBOOK_FILE, CONFIG_FILE, read_run_config, write_run_config
+from .student import build_student
+from .student_run import CONFIG_FILE, publish_checkpoint, read_run_config
 from .trainer import (LoopArgs, describe_recipe, loop_options, micro_batch_size, on_ranks, resolve_precision,
                       resolve_recipe, resume_or_refuse, run_training, update_ema)
 
@@ -196,7 +196,7 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
                        lambda_ce=args.lambda_ce, lambda_emb=args.lambda_emb, emb_loss=emb_loss)
 
     def on_checkpoint(path: str, at: int) -> None:
-        _publish(out, path, student, cfg, dict(run_info, step=at))
+        publish_checkpoint(out, path, cfg, student.codebook, dict(run_info, step=at))
 
     if rank == 0:
         os.makedirs(out, exist_ok=True)
@@ -208,14 +208,6 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
                                     "ema": (ema.backbone.state_dict(), {"weights": "ema"})},
         checkpoint_state={"train": run_info["train"], "data_manifest_sha256": manifest_sha},
         on_checkpoint=on_checkpoint)
-
-
-def _publish(out: str, ckpt: str, student: DDStudent, cfg, info: dict) -> None:
-    """Point the run directory's student files at checkpoint `ckpt` (EMA as student.safetensors)."""
-    publish(out, ckpt)
-    if not os.path.exists(os.path.join(out, CODEBOOK_FILE)):
-        save_state_dict(os.path.join(out, CODEBOOK_FILE), {"codebook": student.codebook.float()})
-    write_run_config(out, cfg, dict(info, weights="ema"))
 
 
 # ---- CLI --------------------------------------------------------------------------------------
