@@ -17,7 +17,7 @@ import json
 import os
 import shlex
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import click
 
@@ -82,6 +82,24 @@ def _timing(path: str) -> dict:
         return json.load(f)
 
 
+def _draw_samples(run: str, smp: str, methods: List, ref_seed: int, seeds: List[int], size: DemoSize,
+                  device: str, log: Callable[[str], None], extra: List[str] = ()) -> Tuple[dict, dict, dict]:
+    """`dd sample` the teacher's reference draw at ref_seed, then every method (key, name, steps,
+    args) at every seed, into smp/<key>-seed<s> -> ({key: [samples.npz]}, {key: [s / image]}, {key: [seeds]})."""
+    plan = [("teacher", ref_seed, ["--run", run, "--baseline", "teacher"])]
+    plan += [(key, s, args) for s in seeds for key, _, _, args in methods]
+    files, spi, used = {}, {}, {}
+    for key, s, args in plan:
+        d = os.path.join(smp, f"{key}-seed{s}")
+        run_dd(["sample", "--out", d] + args + list(extra) + ["--num-samples", str(size.num_samples),
+                "--batch-size", str(size.sample_batch), "--seed", str(s), "--labels", "balanced",
+                "--device", device, "--warmup"], log)
+        files.setdefault(key, []).append(os.path.join(d, "samples.npz"))
+        spi.setdefault(key, []).append(_timing(d)["seconds_per_image"])
+        used.setdefault(key, []).append(s)
+    return files, spi, used
+
+
 def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
              log: Callable[[str], None] = click.echo) -> dict:
     """Run the pipeline into `out` and return {"rows": [...], "table": markdown}. Re-running reuses
@@ -130,17 +148,7 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
     # Samples use noise and labels the student never saw in training (other seeds). The reference
     # teacher draw has a seed of its own, so the floor row is an independent draw of the same teacher.
     ref_seed, seeds = reference_seed(seed), sample_seeds(seed, size.num_seeds)
-    plan = [("teacher", ref_seed, ["--run", run, "--baseline", "teacher"])]
-    plan += [(key, s, extra) for s in seeds for key, _, _, extra in methods]
-    files, spi, used = {}, {}, {}
-    for key, s, extra in plan:
-        d = os.path.join(smp, f"{key}-seed{s}")
-        run_dd(["sample", "--out", d] + extra + ["--num-samples", str(size.num_samples), "--batch-size",
-                str(size.sample_batch), "--seed", str(s), "--labels", "balanced", "--device", device, "--warmup"],
-               log)
-        files.setdefault(key, []).append(os.path.join(d, "samples.npz"))
-        spi.setdefault(key, []).append(_timing(d)["seconds_per_image"])
-        used.setdefault(key, []).append(s)
+    files, spi, used = _draw_samples(run, smp, methods, ref_seed, seeds, size, device, log)
     compare = os.path.join(out, "compare.png")
     run_dd(["sample", "--run", run, "--compare", "--out", os.path.join(smp, "compare"), "--num-samples", "10",
             "--labels", ",".join(map(str, range(teacher.num_classes))), "--device", device], log)
@@ -225,17 +233,8 @@ def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
         ("onestep", "onestep* (token marginals per caption)", 1, ["--data", data, "--baseline", "onestep"]),
     ]
     ref_seed, seeds = reference_seed(seed), sample_seeds(seed, size.num_seeds)
-    plan = [("teacher", ref_seed, ["--run", run, "--baseline", "teacher"])]
-    plan += [(key, s, extra) for s in seeds for key, _, _, extra in methods]
-    files, spi, used = {}, {}, {}
-    for key, s, extra in plan:
-        d = os.path.join(smp, f"{key}-seed{s}")
-        run_dd(["sample", "--out", d] + extra + ["--prompts", prompts, "--num-samples", str(size.num_samples),
-                "--batch-size", str(size.sample_batch), "--seed", str(s), "--labels", "balanced",
-                "--device", device, "--warmup"], log)
-        files.setdefault(key, []).append(os.path.join(d, "samples.npz"))
-        spi.setdefault(key, []).append(_timing(d)["seconds_per_image"])
-        used.setdefault(key, []).append(s)
+    files, spi, used = _draw_samples(run, smp, methods, ref_seed, seeds, size, device, log,
+                                     extra=["--prompts", prompts])
 
     extractor = DigitsExtractor(device)
     real, _ = digits_data("test")

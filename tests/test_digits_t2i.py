@@ -213,3 +213,21 @@ def test_demo_caption_columns(tmp_path, teacher):
                                for k in ("teacher", "floor", "onestep")])
     table = quality.format_table(rows, "t", extra_columns=caption_columns())
     assert "caption agr." in table and quality.parse_table(table)["floor"]["caption agr. ↑"] == "100.0%"
+
+
+def test_t2i_demo_end_to_end(tmp_path):
+    """`dd demo --family t2i`'s pipeline at a toy budget: every verb runs through the prompts, the table
+    has the Table-3 rows with the floor at g = 0, onestep* at g = 1 and the caption columns."""
+    from distilled_decoding.demo import DemoSize, run_t2i_demo
+
+    size = DemoSize(num_pairs=40, train_steps=3, batch_size=8, lr=3e-3, ema_decay=0.9, num_samples=80,
+                    sample_batch=80, num_seeds=1)
+    info = run_t2i_demo(str(tmp_path / "demo"), size, log=lambda s: None)
+    rows = {r["key"]: r for r in info["rows"]}
+    assert set(rows) == {"teacher", "floor", "dd1", "dd2", "onestep"}, sorted(rows)
+    assert rows["floor"]["g"] == 0.0 and rows["onestep"]["g"] == 1.0
+    for key in ("floor", "dd1", "onestep"):
+        assert 0.0 <= rows[key]["mean"]["caption"] <= 1.0, rows[key]["mean"]
+    assert "caption agr." in info["table"] and "DD 2-step" in info["table"]
+    with open(info["prompts"]) as f:
+        assert f.read().splitlines() == all_captions()
