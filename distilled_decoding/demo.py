@@ -100,12 +100,51 @@ def _draw_samples(run: str, smp: str, methods: List, ref_seed: int, seeds: List[
     return files, spi, used
 
 
+def _build_and_train(name: str, data: str, run: str, size: DemoSize, seed: int, device: str, split: int,
+                     log: Callable[[str], None], extra: List[str] = ()) -> Tuple[float, float]:
+    """`dd build-dataset` of teacher `name` into `data` (extra: more of its options), then `dd train`
+    into `run` (resumed when it exists) -> (seconds building, seconds training)."""
+    t0 = time.perf_counter()
+    run_dd(["build-dataset", "--teacher", name] + list(extra) + ["--out", data, "--num-samples", str(size.num_pairs),
+            "--batch-size", "500", "--shard-size", "2000", "--seed", str(seed), "--device", device], log)
+    t_data = time.perf_counter() - t0
+    train = ["train", "--data", data, "--out", run, "--max-steps", str(size.train_steps),
+             "--batch-size", str(size.batch_size), "--lr", str(size.lr), "--ema-decay", str(size.ema_decay),
+             "--ckpt-every", str(size.train_steps), "--log-every", "100", "--num-workers", "0",
+             "--seed", str(seed), "--device", device,
+             # Every position on the logits head (greedy): on these 64-128-code codebooks it beats the
+             # MSE-regressed embedding head by far (DD-1 FID vs teacher 136 against 256 at the paper's
+             # scaled split, 1500 steps), and the embedding head has no LPIPS to sharpen it here.
+             "--split", str(split)]
+    if os.path.exists(os.path.join(run, "config.json")) or os.path.isdir(os.path.join(run, "checkpoints")):
+        train.append("--resume")
+    run_dd(train, log)
+    return t_data, time.perf_counter() - t0 - t_data
+
+
+def _real_features(extractor, size: DemoSize, seed: int):
+    """The held-out digits' features [297, D] and the real-vs-real FID floor of `size.num_samples`
+    training digits against them."""
+    from teachers.zoo import digits_data
+    from . import quality
+
+    real_f = extractor.features(digits_data("test")[0].to(extractor.device)).cpu().numpy()
+    train_f = extractor.features(digits_data("train")[0].to(extractor.device)).cpu().numpy()
+    return real_f, quality.real_floor(real_f, train_f, size.num_samples, seed)
+
+
+def _write_results(out: str, info: dict) -> None:
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(info["table"] + "\n")
+
+
 def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
              log: Callable[[str], None] = click.echo) -> dict:
     """Run the pipeline into `out` and return {"rows": [...], "table": markdown}. Re-running reuses
     the finished data set and training run (both resume) and re-draws the samples."""
     from teachers import load_teacher
-    from teachers.zoo import digits_data
     from . import plots, quality
     from .extractors import DigitsExtractor
     from .sampling import default_regen
@@ -116,21 +155,7 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
     S = teacher.num_steps
     data, run, smp = (os.path.join(out, d) for d in ("data", "run", "samples"))
     t0 = time.perf_counter()
-    run_dd(["build-dataset", "--teacher", name, "--out", data, "--num-samples", str(size.num_pairs),
-            "--batch-size", "500", "--shard-size", "2000", "--seed", str(seed), "--device", device], log)
-    t_data = time.perf_counter() - t0
-    train = ["train", "--data", data, "--out", run, "--max-steps", str(size.train_steps),
-             "--batch-size", str(size.batch_size), "--lr", str(size.lr), "--ema-decay", str(size.ema_decay),
-             "--ckpt-every", str(size.train_steps), "--log-every", "100", "--num-workers", "0",
-             "--seed", str(seed), "--device", device,
-             # Every position on the logits head (greedy): on these 64-128-code codebooks it beats the
-             # MSE-regressed embedding head by far (DD-1 FID vs teacher 136 against 256 at the paper's
-             # scaled split, 1500 steps), and the embedding head has no LPIPS to sharpen it here.
-             "--split", str(S)]
-    if os.path.exists(os.path.join(run, "config.json")) or os.path.isdir(os.path.join(run, "checkpoints")):
-        train.append("--resume")
-    run_dd(train, log)
-    t_train = time.perf_counter() - t0 - t_data
+    t_data, t_train = _build_and_train(name, data, run, size, seed, device, S, log)
 
     trained = tuple(read_run_config(run)["student"]["timesteps"])
     a, b = default_regen(trained)
@@ -155,19 +180,16 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
     os.replace(os.path.join(smp, "compare", "compare.png"), compare)
 
     extractor = DigitsExtractor(device)
-    real, _ = digits_data("test")
-    real_f = extractor.features(real.to(extractor.device)).cpu().numpy()
-    train_f = extractor.features(digits_data("train")[0].to(extractor.device)).cpu().numpy()
-    floor_real = quality.real_floor(real_f, train_f, size.num_samples, seed)
+    real_f, floor_real = _real_features(extractor, size, seed)
     rows = quality.evaluate_rows([("teacher", f"teacher ({S}-step AR), reference draw", S)]
                                  + [(key, label, steps) for key, label, steps, _ in methods],
                                  files, used, real_f, extractor, spi)
     t_sample = time.perf_counter() - t_sample
     title = (f"{name}: {size.num_pairs} pairs, {size.train_steps} training steps, {size.num_samples} samples "
              f"per method and seed, mean ± sd over {len(seeds)} sampling seeds, FID on digits-classifier "
-             f"features vs {real.shape[0]} held-out digits")
+             f"features vs {len(real_f)} held-out digits")
     notes = [f"Real-vs-real floor of the FID vs real column: {size.num_samples} training digits vs the "
-             f"{real.shape[0]} held-out ones score {floor_real:.2f} on the same features. Floor row: the "
+             f"{len(real_f)} held-out ones score {floor_real:.2f} on the same features. Floor row: the "
              f"teacher at seeds {','.join(map(str, seeds))} against its reference draw at seed {ref_seed}; "
              f"precision/recall are against that reference (k = 3).",
              f"skip-{n_skip}: the teacher's first {S - n_skip} steps; the tokens of the {n_skip} skipped steps are "
@@ -183,10 +205,7 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
             "seconds": {"build_dataset": t_data, "train": t_train, "sample_and_eval": t_sample,
                         "total": time.perf_counter() - t0},
             "rows": rows, "table": table, "compare": compare, "run": run, **plots_out}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    _write_results(out, info)
     return info
 
 
@@ -199,7 +218,7 @@ def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
     files); `dd sample --prompts` draws them balanced. No teacher-mixed / skip rows and no --compare
     grid (class-conditional only). Re-running reuses the finished data set and run."""
     from teachers import load_teacher
-    from teachers.zoo import attribute_thresholds, digits_data
+    from teachers.zoo import attribute_thresholds
     from . import quality
     from .captions import read_prompts
     from .extractors import DigitsExtractor
@@ -209,20 +228,10 @@ def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
     teacher = load_teacher(NAME, device=device)
     S = teacher.num_steps
     prompts = write_prompts(out)
+    prompt_list = read_prompts(prompts)
     data, run, smp = (os.path.join(out, d) for d in ("data", "run", "samples"))
     t0 = time.perf_counter()
-    run_dd(["build-dataset", "--teacher", NAME, "--prompts", prompts, "--out", data, "--num-samples",
-            str(size.num_pairs), "--batch-size", "500", "--shard-size", "2000", "--seed", str(seed),
-            "--device", device], log)
-    t_data = time.perf_counter() - t0
-    train = ["train", "--data", data, "--out", run, "--max-steps", str(size.train_steps),
-             "--batch-size", str(size.batch_size), "--lr", str(size.lr), "--ema-decay", str(size.ema_decay),
-             "--ckpt-every", str(size.train_steps), "--log-every", "100", "--num-workers", "0",
-             "--seed", str(seed), "--device", device, "--split", str(S)]   # all logits, as demo.py says why
-    if os.path.exists(os.path.join(run, "config.json")) or os.path.isdir(os.path.join(run, "checkpoints")):
-        train.append("--resume")
-    run_dd(train, log)
-    t_train = time.perf_counter() - t0 - t_data
+    t_data, t_train = _build_and_train(NAME, data, run, size, seed, device, S, log, extra=["--prompts", prompts])
 
     trained = tuple(read_run_config(run)["student"]["timesteps"])
     t_sample = time.perf_counter()
@@ -237,21 +246,17 @@ def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
                                      extra=["--prompts", prompts])
 
     extractor = DigitsExtractor(device)
-    real, _ = digits_data("test")
-    real_f = extractor.features(real.to(extractor.device)).cpu().numpy()
-    train_f = extractor.features(digits_data("train")[0].to(extractor.device)).cpu().numpy()
-    floor_real = quality.real_floor(real_f, train_f, size.num_samples, seed)
+    real_f, floor_real = _real_features(extractor, size, seed)
     rows = quality.evaluate_rows([("teacher", f"teacher ({S}-step AR), reference draw", S)]
                                  + [(key, label, steps) for key, label, steps, _ in methods],
                                  files, used, real_f, extractor, spi,
-                                 per_file=caption_scorer(read_prompts(prompts), attribute_thresholds(NAME)))
+                                 per_file=caption_scorer(prompt_list, attribute_thresholds(NAME)))
     t_sample = time.perf_counter() - t_sample
-    P = len(read_prompts(prompts))
-    title = (f"{NAME}: {P} captions, {size.num_pairs} pairs, {size.train_steps} training steps, {size.num_samples} "
+    title = (f"{NAME}: {len(prompt_list)} captions, {size.num_pairs} pairs, {size.train_steps} training steps, {size.num_samples} "
              f"samples per method and seed (balanced over the captions), mean ± sd over {len(seeds)} sampling "
-             f"seeds, FID on digits-classifier features vs {real.shape[0]} held-out digits")
+             f"seeds, FID on digits-classifier features vs {len(real_f)} held-out digits")
     notes = [f"Real-vs-real floor of the FID vs real column: {size.num_samples} training digits vs the "
-             f"{real.shape[0]} held-out ones score {floor_real:.2f}. Floor row: the teacher at seeds "
+             f"{len(real_f)} held-out ones score {floor_real:.2f}. Floor row: the teacher at seeds "
              f"{','.join(map(str, seeds))} against its reference draw at seed {ref_seed}; precision/recall are "
              "against that reference (k = 3).",
              "class acc. = the classifier's digit equals the caption's digit; caption agr. = the digit AND the "
@@ -263,10 +268,7 @@ def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
             "seconds": {"build_dataset": t_data, "train": t_train, "sample_and_eval": t_sample,
                         "total": time.perf_counter() - t0},
             "rows": rows, "table": table, "run": run, "prompts": prompts}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    _write_results(out, info)
     return info
 
 
