@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -100,6 +100,13 @@ def read_prompts(path: str) -> List[str]:
     return prompts
 
 
+def _prompts_and_sha(path: str) -> Tuple[List[str], str]:
+    """`read_prompts` and the sha256 of the file (a data set's `prompts_sha256`)."""
+    prompts = read_prompts(path)
+    with open(path, "rb") as f:
+        return prompts, hashlib.sha256(f.read()).hexdigest()
+
+
 def feature_path(features_dir: str, prompts_path: str, line: int) -> str:
     """The official file of prompt line `line` (0-based): <DIR>/<prompt file stem>/<line>.npy."""
     stem = os.path.splitext(os.path.basename(prompts_path))[0]
@@ -111,9 +118,7 @@ def load_captions(prompts_path: str, features_dir: str, slots: int, dim: int) ->
     into `slots` positions of dimension `dim`."""
     import numpy as np
 
-    prompts = read_prompts(prompts_path)
-    with open(prompts_path, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
+    prompts, sha = _prompts_and_sha(prompts_path)
     features = torch.zeros(len(prompts), slots, dim)
     mask = torch.zeros(len(prompts), slots, dtype=torch.bool)
     for i, prompt in enumerate(prompts):
@@ -141,9 +146,7 @@ def load_captions(prompts_path: str, features_dir: str, slots: int, dim: int) ->
 def encode_captions(prompts_path: str, encoder, slots: int, dim: int) -> CaptionTable:
     """The table of a prompt file made by a teacher's own `prompt_encoder` (prompts -> Caption),
     checked against the teacher's (slots, dim)."""
-    prompts = read_prompts(prompts_path)
-    with open(prompts_path, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
+    prompts, sha = _prompts_and_sha(prompts_path)
     try:
         cap = encoder(prompts)
     except ValueError as e:
@@ -179,7 +182,7 @@ def captions_for_teacher(teacher, prompts: Optional[str], features_dir: Optional
     unless given exactly when the teacher is text-to-image, and together unless the teacher has its
     own `prompt_encoder`); None for class labels."""
     encoder = getattr(teacher, "prompt_encoder", None)
-    if (prompts is None) != (features_dir is None) and not (encoder is not None and features_dir is None):
+    if (features_dir is not None and prompts is None) or (prompts is not None and features_dir is None and encoder is None):
         raise CaptionError("--prompts and --caption-features go together")
     shape = caption_shape_if_given(teacher, prompts is not None)
     if shape is None:

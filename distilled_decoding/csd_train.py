@@ -43,8 +43,8 @@ from .errors import DDError
 from .run_dir import claim_run_dir
 from .seeding import sample_labels, sample_seed
 from .student import build_student
-from .student_run import load_run, publish_checkpoint
-from .teacher_spec import teacher_options
+from .student_run import load_run, publish_checkpoint, read_run_config
+from .teacher_spec import TeacherSpec, resolve_sampling, teacher_options
 from .trainer import (LoopArgs, describe_recipe, loop_options, on_ranks, resolve_precision, resume_or_refuse,
                       run_training, update_ema)
 
@@ -128,8 +128,13 @@ def train_csd(args: CSDTrainArgs, log: Callable[[str], None] = print) -> dict:
     return on_ranks(_train, args, log)
 
 
+def _check_same_teacher(flag: str, run: str, info: dict, teacher, spec: TeacherSpec, device) -> None:
+    """DDError unless the run `run` (its config.json `info`) was trained on the same teacher as --teacher."""
+    if TeacherSpec.from_dict(info["teacher"]).load(device).describe() != teacher.describe():
+        raise DDError(f"{flag} {run}: trained on another teacher than --teacher {spec.teacher}")
+
+
 def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable[[str], None]) -> dict:
-    from .teacher_spec import TeacherSpec, resolve_sampling
     if world != 1 or args.grad_accum != 1:
         raise DDError("dd csd train runs in one process without --grad-accum (its guidance updates run inside a step)")
     csd = args.csd_config()           # refuses a bad τ draw or weight before any work
@@ -147,7 +152,6 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
     # alignment, App. C.3), "dd1" (a DD-1 student: the generator only)
     kind, init_info = None, {}
     if args.init_run:
-        from .student_run import read_run_config
         init_info = read_run_config(args.init_run)
         kind = {"gts": "gts", "csd": "csd"}.get(init_info.get("method"), "dd1")
     init_output = init_info.get("student", {}).get("output")
@@ -158,7 +162,6 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
     head_width = {"gts": init_info.get("student", {}).get("head_width"),
                   "csd": init_info.get("train", {}).get("head_width")}.get(kind) or args.head_width
     if args.guidance_init:
-        from .student_run import read_run_config
         g_info = read_run_config(args.guidance_init)
         if g_info.get("method") != "gts":
             raise DDError(f"--guidance-init {args.guidance_init}: not a `dd csd init` run")
@@ -175,8 +178,7 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
                         **({"head_width": args.head_width} if output == "ar_diffusion" else {}))
     if args.init_run:
         init, info = load_run(args.init_run, device, ema=True)
-        if TeacherSpec.from_dict(info["teacher"]).load(device).describe() != teacher.describe():
-            raise DDError(f"--init-run {args.init_run}: trained on another teacher than --teacher {spec.teacher}")
+        _check_same_teacher("--init-run", args.init_run, info, teacher, spec, device)
         if init.config.output != output or init.config.options != gen.config.options:
             raise DDError(f"--init-run {args.init_run}: its student (output {init.config.output!r}, options "
                           f"{init.config.options}) is not a generator with --output {output}")
@@ -192,8 +194,7 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
         guide.load_state_dict(init_state, strict=True)
     elif args.guidance_init:
         g_init, g_info = load_run(args.guidance_init, device, ema=True)
-        if TeacherSpec.from_dict(g_info["teacher"]).load(device).describe() != teacher.describe():
-            raise DDError(f"--guidance-init {args.guidance_init}: trained on another teacher than --teacher {spec.teacher}")
+        _check_same_teacher("--guidance-init", args.guidance_init, g_info, teacher, spec, device)
         guide.load_state_dict(g_init.backbone.state_dict(), strict=True)
         del g_init
     elif kind == "csd":
@@ -260,7 +261,6 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
         log(f"guidance warm-up: {args.guidance_warmup} updates in {warmup_s:.0f} s, flow-matching loss "
             f"{first:.4f} -> {fit:.4f}")
     elif step:
-        from .student_run import read_run_config
         warmup_s = read_run_config(out).get("warmup_seconds", float("nan"))
 
     train_info = dict(args.to_dict(), precision=precision, recipe=describe_recipe(args))
