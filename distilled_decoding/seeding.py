@@ -16,7 +16,7 @@ Training timesteps use an integer hash instead (`sample_timestep`: splitmix64 of
 from __future__ import annotations
 
 import hashlib
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -85,10 +85,22 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def sample_timestep(timesteps: Sequence[int], seed: int, epoch: int, position: int) -> int:
-    """The training timestep of dataset item `position` in `epoch` (uniform over `timesteps`)."""
+def sample_timestep(timesteps: Sequence[int], seed: int, epoch: int, position: int,
+                    weights: Optional[Sequence[int]] = None) -> int:
+    """The training timestep of dataset item `position` in `epoch`: uniform over `timesteps`, or
+    timesteps[k] with probability weights[k] / Σ weights (positive integers, so the draw stays one
+    exact integer hash; weights of 1 give exactly the uniform draw)."""
     h = _mix64(_mix64(_mix64(seed + 0x9E3779B97F4A7C15) + epoch) + position)
-    return int(timesteps[h % len(timesteps)])
+    if weights is None:
+        return int(timesteps[h % len(timesteps)])
+    if len(weights) != len(timesteps) or min(weights) < 1:
+        raise ValueError(f"timestep weights {tuple(weights)}: need one positive integer per timestep {tuple(timesteps)}")
+    r = h % sum(weights)
+    for t, w in zip(timesteps, weights):
+        if r < w:
+            return int(t)
+        r -= w
+    raise AssertionError("unreachable")
 
 
 def make_labels(seed: int, indices, num_classes: int, labels: str) -> torch.Tensor:

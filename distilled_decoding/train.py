@@ -53,7 +53,7 @@ from .trainer import (LoopArgs, describe_recipe, loop_options, micro_batch_size,
                       resolve_recipe, resume_or_refuse, run_training, update_ema)
 
 # Arguments that define the stream of batches, timesteps and updates: a resume must keep them.
-STREAM_ARGS = ("batch_size", "grad_accum", "seed", "timesteps", "split", "lambda_ce", "lambda_emb", "emb_loss",
+STREAM_ARGS = ("batch_size", "grad_accum", "seed", "timesteps", "timestep_weights", "split", "lambda_ce", "lambda_emb", "emb_loss",
                "lpips_net", "lr", "warmup_steps", "lr_schedule", "weight_decay", "ema_decay", "grad_clip", "precision",
                "history", "lower_layers")
 
@@ -67,6 +67,7 @@ class TrainArgs(LoopArgs):
     data: str
     out: str
     timesteps: Optional[tuple] = None
+    timestep_weights: Optional[tuple] = None     # relative integer weights of the timesteps (None: uniform)
     split: Optional[int] = None
     lambda_ce: float = 0.1
     lambda_emb: float = 1.0
@@ -80,16 +81,19 @@ class TrainArgs(LoopArgs):
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["timesteps"] is not None:
-            d["timesteps"] = list(d["timesteps"])
+        for k in ("timesteps", "timestep_weights"):
+            if d[k] is not None:
+                d[k] = list(d[k])
         return d
 
 
 class WithTimesteps(Dataset):
-    """Items keyed by (epoch, position): the PairDataset item plus its timestep "t"."""
+    """Items keyed by (epoch, position): the PairDataset item plus its timestep "t" (drawn with
+    `weights`, None = uniform)."""
 
-    def __init__(self, pairs: Dataset, timesteps: Sequence[int], seed: int):
+    def __init__(self, pairs: Dataset, timesteps: Sequence[int], seed: int, weights: Optional[Sequence[int]] = None):
         self.pairs, self.timesteps, self.seed = pairs, tuple(timesteps), seed
+        self.weights = None if weights is None else tuple(weights)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -97,7 +101,8 @@ class WithTimesteps(Dataset):
     def __getitem__(self, key) -> dict:
         epoch, i = key
         item = dict(self.pairs[i])
-        item["t"] = torch.tensor(sample_timestep(self.timesteps, self.seed, epoch, i), dtype=torch.long)
+        item["t"] = torch.tensor(sample_timestep(self.timesteps, self.seed, epoch, i, self.weights),
+                                 dtype=torch.long)
         return item
 
 
@@ -137,8 +142,10 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
     if args.resume and os.path.exists(os.path.join(out, CONFIG_FILE)):
         # a resume keeps the run's schedule unless one is given (then it must match: resume_or_refuse)
         saved = read_run_config(out)
+        w = saved.get("train", {}).get("timestep_weights")
         args = dataclasses.replace(args, timesteps=args.timesteps or tuple(saved["timesteps"]),
-                                   split=saved["split"] if args.split is None else args.split)
+                                   split=saved["split"] if args.split is None else args.split,
+                                   timestep_weights=args.timestep_weights or (tuple(w) if w else None))
     if args.resume and os.path.exists(os.path.join(out, CONFIG_FILE)) and args.history is None:
         saved_opts = read_run_config(out)["student"].get("options", {})
         args = dataclasses.replace(args, history=saved_opts.get("history"), lower_layers=saved_opts.get("lower_layers"))
@@ -147,6 +154,7 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
         raise ValueError("--lower-layers needs --history none|noise|all")
     student = build_student(teacher, args.timesteps, args.split, seed=args.seed, **args.student_options, **ddh)
     cfg = student.config
+    check_timestep_weights(args.timestep_weights, cfg.timesteps, args.history)
     student.train()
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     update_ema(ema, student, 0.0)                                   # synced at decay 0 (DiT)
@@ -172,7 +180,9 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
                       world_size=world, micro_batch=micro, emb_loss_desc=emb_desc, recipe=recipe),
     }
     log(f"student: {cfg.family}, {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params; "
-        f"timesteps {cfg.timesteps}, split {cfg.split}; "
+        f"timesteps {cfg.timesteps}"
+        + (f" drawn {':'.join(map(str, args.timestep_weights))}" if args.timestep_weights else "")
+        + f", split {cfg.split}; "
         + (f"DD-H history {args.history}, lower layers {cfg.options['lower_layers']}; " if args.history else "")
         + f"{len(pairs)} pairs; batch {args.batch_size} "
         f"= {world} rank(s) x {args.grad_accum} accum x {micro}; precision {precision}; embedding loss: {emb_desc}; "
@@ -202,12 +212,23 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
         os.makedirs(out, exist_ok=True)
     return run_training(
         args, precision, out=out, step=step, log=log, desc="dd train",
-        model=student, ema=ema, opt=opt, loss_fn=loss_fn, dataset=WithTimesteps(pairs, cfg.timesteps, args.seed),
+        model=student, ema=ema, opt=opt, loss_fn=loss_fn, dataset=WithTimesteps(pairs, cfg.timesteps, args.seed, args.timestep_weights),
         part_names=("ce", "emb"), rank=rank, world=world, device=device,
         checkpoint_weights=lambda: {"model": (student.backbone.state_dict(), {"weights": "raw"}),
                                     "ema": (ema.backbone.state_dict(), {"weights": "ema"})},
         checkpoint_state={"train": run_info["train"], "data_manifest_sha256": manifest_sha},
         on_checkpoint=on_checkpoint)
+
+
+def check_timestep_weights(weights: Optional[Sequence[int]], timesteps: Sequence[int], history: Optional[str]) -> None:
+    """ValueError unless `weights` (None = uniform) give each of `timesteps` one positive integer."""
+    if weights is None:
+        return
+    if history is not None:
+        raise ValueError("--timestep-weights: DD-H (--history) trains every timestep of the trajectory in each step")
+    if len(weights) != len(timesteps) or min(weights) < 1:
+        raise ValueError(f"--timestep-weights {','.join(map(str, weights))}: need one positive integer per "
+                         f"training timestep {','.join(map(str, timesteps))} (in that order)")
 
 
 # ---- CLI --------------------------------------------------------------------------------------
@@ -223,12 +244,27 @@ def _parse_timesteps(ctx, param, value):
     return ts
 
 
+def _parse_weights(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        w = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError as e:
+        raise click.BadParameter(f"expected comma-separated positive integers, got {value!r}") from e
+    if not w or min(w) < 1:
+        raise click.BadParameter(f"expected comma-separated positive integers, got {value!r}")
+    return w
+
+
 @click.command("train")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Pair data set (dd build-dataset).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--timesteps", default=None, callback=_parse_timesteps,
               help="Training timesteps, paper notation (1 = pure noise), e.g. 1,81. "
                    "Default: LlamaGen 1,81; VAR 1,6 (d20/d24 1,5); scaled for teachers with other step counts.")
+@click.option("--timestep-weights", default=None, callback=_parse_weights,
+              help="Relative integer weights of the training timesteps (sorted ascending), e.g. 3,1: a sample "
+                   "draws t = 1 three times as often as t = 81. Default: uniform.")
 @click.option("--split", type=click.IntRange(min=1), default=None,
               help="AR steps < split use the logits head when sampling (recorded in the run). "
                    "Default: LlamaGen-B 80, -L 130; VAR 5 (d20/d24 4); scaled likewise.")
@@ -249,10 +285,10 @@ def _parse_timesteps(ctx, param, value):
 @click.option("--tokenizer-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Teacher tokenizer checkpoint, if not where the data set's manifest says.")
 @loop_options(max_steps=100_000)
-def train_command(data, out, timesteps, split, history, lower_layers, lambda_ce, lambda_emb, emb_loss, lpips_net,
+def train_command(data, out, timesteps, timestep_weights, split, history, lower_layers, lambda_ce, lambda_emb, emb_loss, lpips_net,
                   teacher_checkpoint, tokenizer_checkpoint, no_progress, **loop):
     """Train a DD student on a pair data set (multi-process under torchrun)."""
-    args = TrainArgs(data=data, out=out, timesteps=timesteps, split=split, lambda_ce=lambda_ce,
+    args = TrainArgs(data=data, out=out, timesteps=timesteps, timestep_weights=timestep_weights, split=split, lambda_ce=lambda_ce,
                      lambda_emb=lambda_emb, emb_loss=emb_loss, lpips_net=lpips_net, progress=not no_progress,
                      checkpoint=teacher_checkpoint, tokenizer_checkpoint=tokenizer_checkpoint,
                      history=history, lower_layers=lower_layers, **loop)

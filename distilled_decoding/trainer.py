@@ -114,7 +114,7 @@ class SecondModel:
 
 LR_SCHEDULES = ("constant", "cosine")
 # Settings added to the stream after runs were made: a checkpoint that lacks them ran with these.
-STREAM_DEFAULTS = {"warmup_steps": 0, "lr_schedule": "constant", "disc_weight": 0.0}
+STREAM_DEFAULTS = {"warmup_steps": 0, "lr_schedule": "constant", "disc_weight": 0.0, "timestep_weights": None}
 
 
 def lr_at(step: int, lr: float, warmup_steps: int = 0, schedule: str = "constant",

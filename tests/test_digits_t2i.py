@@ -1,6 +1,7 @@
 """The text-to-image zoo teacher digits-t2i (issue 18 step 3): captions from measured attributes, the
 shipped text encoder (masking, strict loading), prompts -> Caption -> samples, prompt files through
 `dd build-dataset` without feature files, and the caption-agreement score of `dd demo --family t2i`."""
+import json
 import os
 import re
 import shutil
@@ -221,8 +222,11 @@ def test_t2i_demo_end_to_end(tmp_path):
     from distilled_decoding.demo import DemoSize, run_t2i_demo
 
     size = DemoSize(num_pairs=40, train_steps=3, batch_size=8, lr=3e-3, ema_decay=0.9, num_samples=80,
-                    sample_batch=80, num_seeds=1)
+                    sample_batch=80, num_seeds=1, timestep_weights=(3, 1))
     info = run_t2i_demo(str(tmp_path / "demo"), size, log=lambda s: None)
+    with open(tmp_path / "demo" / "run" / "config.json") as f:
+        assert json.load(f)["train"]["timestep_weights"] == [3, 1]
+    assert "3 training steps (timesteps drawn 3:1)" in info["table"]
     rows = {r["key"]: r for r in info["rows"]}
     assert set(rows) == {"teacher", "floor", "dd1", "dd2", "onestep"}, sorted(rows)
     assert rows["floor"]["g"] == 0.0 and rows["onestep"]["g"] == 1.0

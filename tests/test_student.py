@@ -317,6 +317,38 @@ def test_timestep_draws_are_uniform_and_keyed_by_position():
     assert draws[:50] == [sample_timestep(ts, 0, 0, i) for i in range(50)]
 
 
+def test_weighted_timestep_draws():
+    ts = (1, 21)
+    draws = [sample_timestep(ts, 0, 0, i, (3, 1)) for i in range(4000)]
+    assert abs(draws.count(1) / 4000 - 0.75) < 0.03
+    assert [sample_timestep(ts, 5, 2, i, (1, 1)) for i in range(200)] == [sample_timestep(ts, 5, 2, i) for i in range(200)]
+    for bad in ((3,), (1, 0)):
+        with pytest.raises(ValueError, match="positive integer per timestep"):
+            sample_timestep(ts, 0, 0, 0, bad)
+
+
+def test_timestep_weights_are_recorded_kept_on_resume_and_checked(tiny, tmp_path):
+    """A run drawn 3:1 records its weights, a resume without the flag keeps them (identical losses to an
+    uninterrupted run), a resume with other weights is refused, and weights that do not fit the
+    timesteps are refused before any step."""
+    _, _, data = tiny["llamagen"]
+    kw = dict(timesteps=(1, 3), timestep_weights=(3, 1))
+    train(args_for(data, tmp_path / "a", max_steps=10, **kw), log=lambda s: None)
+    train(args_for(data, tmp_path / "b", max_steps=6, ckpt_every=6, **kw), log=lambda s: None)
+    with pytest.raises(ValueError, match="timestep_weights"):
+        train(args_for(data, tmp_path / "b", max_steps=10, timestep_weights=(1, 1), resume=True), log=lambda s: None)
+    train(args_for(data, tmp_path / "b", max_steps=10, resume=True), log=lambda s: None)
+    assert [m["loss"] for m in metrics(tmp_path / "a")] == [m["loss"] for m in metrics(tmp_path / "b")]
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["train"]["timestep_weights"] == [3, 1]
+    uniform = train(args_for(data, tmp_path / "u", max_steps=10, timesteps=(1, 3)), log=lambda s: None)
+    assert uniform["loss"] != metrics(tmp_path / "a")[-1]["loss"]      # the weights change the stream
+    for bad, msg in ((dict(timestep_weights=(1, 2, 3)), "one positive integer per"),
+                     (dict(timestep_weights=(3, 1), history="all"), "DD-H")):
+        with pytest.raises(ValueError, match=msg):
+            train(args_for(data, tmp_path / "c", max_steps=2, timesteps=(1, 3), **bad), log=lambda s: None)
+        assert not (tmp_path / "c" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_training_cuts_the_loss(tiny, tmp_path, family):
     _, _, data = tiny[family]
