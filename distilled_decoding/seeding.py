@@ -94,7 +94,8 @@ def sample_timestep(timesteps: Sequence[int], seed: int, epoch: int, position: i
     if weights is None:
         return int(timesteps[h % len(timesteps)])
     if len(weights) != len(timesteps) or min(weights) < 1:
-        raise ValueError(f"timestep weights {tuple(weights)}: need one positive integer per timestep {tuple(timesteps)}")
+        raise ValueError(f"timestep weights {tuple(weights)}: need one positive integer per timestep "
+                         f"{tuple(timesteps)}")
     r = h % sum(weights)
     for t, w in zip(timesteps, weights):
         if r < w:

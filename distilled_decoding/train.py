@@ -53,9 +53,9 @@ from .trainer import (LoopArgs, describe_recipe, loop_options, micro_batch_size,
                       resolve_recipe, resume_or_refuse, run_training, update_ema)
 
 # Arguments that define the stream of batches, timesteps and updates: a resume must keep them.
-STREAM_ARGS = ("batch_size", "grad_accum", "seed", "timesteps", "timestep_weights", "split", "lambda_ce", "lambda_emb", "emb_loss",
-               "lpips_net", "lr", "warmup_steps", "lr_schedule", "weight_decay", "ema_decay", "grad_clip", "precision",
-               "history", "lower_layers")
+STREAM_ARGS = ("batch_size", "grad_accum", "seed", "timesteps", "timestep_weights", "split", "lambda_ce",
+               "lambda_emb", "emb_loss", "lpips_net", "lr", "warmup_steps", "lr_schedule", "weight_decay",
+               "ema_decay", "grad_clip", "precision", "history", "lower_layers")
 
 
 @dataclass
@@ -212,7 +212,8 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
         os.makedirs(out, exist_ok=True)
     return run_training(
         args, precision, out=out, step=step, log=log, desc="dd train",
-        model=student, ema=ema, opt=opt, loss_fn=loss_fn, dataset=WithTimesteps(pairs, cfg.timesteps, args.seed, args.timestep_weights),
+        model=student, ema=ema, opt=opt, loss_fn=loss_fn,
+        dataset=WithTimesteps(pairs, cfg.timesteps, args.seed, args.timestep_weights),
         part_names=("ce", "emb"), rank=rank, world=world, device=device,
         checkpoint_weights=lambda: {"model": (student.backbone.state_dict(), {"weights": "raw"}),
                                     "ema": (ema.backbone.state_dict(), {"weights": "ema"})},

@@ -321,7 +321,8 @@ def test_weighted_timestep_draws():
     ts = (1, 21)
     draws = [sample_timestep(ts, 0, 0, i, (3, 1)) for i in range(4000)]
     assert abs(draws.count(1) / 4000 - 0.75) < 0.03
-    assert [sample_timestep(ts, 5, 2, i, (1, 1)) for i in range(200)] == [sample_timestep(ts, 5, 2, i) for i in range(200)]
+    uniform = [sample_timestep(ts, 5, 2, i) for i in range(200)]
+    assert [sample_timestep(ts, 5, 2, i, (1, 1)) for i in range(200)] == uniform     # weights of 1: the same draw
     for bad in ((3,), (1, 0)):
         with pytest.raises(ValueError, match="positive integer per timestep"):
             sample_timestep(ts, 0, 0, 0, bad)
