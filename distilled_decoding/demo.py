@@ -263,8 +263,8 @@ def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
                                  per_file=caption_scorer(prompt_list, attribute_thresholds(NAME)))
     t_sample = time.perf_counter() - t_sample
     title = (f"{NAME}: {len(prompt_list)} captions, {size.num_pairs} pairs, {size.training_words()}, "
-             f"{size.num_samples} samples per method and seed (balanced over the captions), mean ± sd over {len(seeds)} sampling "
-             f"seeds, FID on digits-classifier features vs {len(real_f)} held-out digits")
+             f"{size.num_samples} samples per method and seed (balanced over the captions), mean ± sd over "
+             f"{len(seeds)} sampling seeds, FID on digits-classifier features vs {len(real_f)} held-out digits")
     notes = [f"Real-vs-real floor of the FID vs real column: {size.num_samples} training digits vs the "
              f"{len(real_f)} held-out ones score {floor_real:.2f}. Floor row: the teacher at seeds "
              f"{','.join(map(str, seeds))} against its reference draw at seed {ref_seed}; precision/recall are "
