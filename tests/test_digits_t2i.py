@@ -226,7 +226,7 @@ def test_t2i_demo_end_to_end(tmp_path):
     info = run_t2i_demo(str(tmp_path / "demo"), size, log=lambda s: None)
     with open(tmp_path / "demo" / "run" / "config.json") as f:
         assert json.load(f)["train"]["timestep_weights"] == [3, 1]
-    assert "3 training steps (timesteps drawn 3:1)" in info["table"]
+    assert "3 training steps of batch 8 (timesteps drawn 3:1)" in info["table"]
     rows = {r["key"]: r for r in info["rows"]}
     assert set(rows) == {"teacher", "floor", "dd1", "dd2", "onestep"}, sorted(rows)
     assert rows["floor"]["g"] == 0.0 and rows["onestep"]["g"] == 1.0
