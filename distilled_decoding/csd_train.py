@@ -43,7 +43,7 @@ from .errors import DDError
 from .run_dir import claim_run_dir
 from .seeding import sample_labels, sample_seed
 from .student import build_student
-from .student_run import load_run, publish_checkpoint, read_run_config
+from .student_run import load_run, publish_checkpoint, read_run_config, student_checkpoint_weights
 from .teacher_spec import TeacherSpec, resolve_sampling, teacher_options
 from .trainer import (LoopArgs, describe_recipe, loop_options, on_ranks, resolve_precision, resume_or_refuse,
                       run_training, update_ema)
@@ -282,9 +282,8 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
         args, precision, out=out, step=step, log=log, desc="dd csd train",
         model=gen, ema=ema, opt=opt, loss_fn=loss_fn, dataset=LabelStream(teacher.num_classes, args.seed),
         part_names=("guidance", "gap"), rank=rank, world=world, device=device,
-        checkpoint_weights=lambda: {"model": (gen.backbone.state_dict(), {"weights": "raw"}),
-                                    "ema": (ema.backbone.state_dict(), {"weights": "ema"}),
-                                    "guidance": (guide.state_dict(), {"weights": "guidance"})},
+        checkpoint_weights=lambda: dict(student_checkpoint_weights(gen, ema),
+                                        guidance=(guide.state_dict(), {"weights": "guidance"})),
         checkpoint_state={"train": train_info, "data_manifest_sha256": "none"},
         on_checkpoint=on_checkpoint)
 

@@ -47,7 +47,7 @@ from .pairs import teacher_differences
 from .run_dir import claim_run_dir
 from .seeding import sample_seed
 from .student import build_student
-from .student_run import publish_checkpoint
+from .student_run import publish_checkpoint, student_checkpoint_weights
 from .trainer import (LoopArgs, describe_recipe, loop_options, on_ranks, resolve_precision, resolve_recipe,
                       resume_or_refuse, run_training, update_ema)
 
@@ -186,8 +186,7 @@ def _train(args: GTSInitArgs, rank: int, world: int, device: str, log: Callable[
         args, precision, out=out, step=step, log=log, desc="dd csd init",
         model=model, ema=ema, opt=opt, loss_fn=loss_fn, dataset=WithDraw(pairs), part_names=("one",),
         rank=rank, world=world, device=device,
-        checkpoint_weights=lambda: {"model": (model.backbone.state_dict(), {"weights": "raw"}),
-                                    "ema": (ema.backbone.state_dict(), {"weights": "ema"})},
+        checkpoint_weights=lambda: student_checkpoint_weights(model, ema),
         checkpoint_state={"train": train_info, "data_manifest_sha256": manifest_sha},
         on_checkpoint=on_checkpoint)
 

@@ -49,6 +49,13 @@ def write_run_config(run_dir: str, config: StudentConfig, extra: dict) -> None:
     _write_config(run_dir, RUN_FORMAT, RUN_FORMAT_VERSION, dict(extra, student=config.to_dict()))
 
 
+def student_checkpoint_weights(model: DDStudent, ema: DDStudent) -> dict:
+    """What a student-format trainer checkpoints, {file stem: (state dict, metadata)}: the backbone's raw
+    weights as model.safetensors and its EMA as ema.safetensors (the files `publish_checkpoint` links)."""
+    return {"model": (model.backbone.state_dict(), {"weights": "raw"}),
+            "ema": (ema.backbone.state_dict(), {"weights": "ema"})}
+
+
 def publish_checkpoint(run_dir: str, ckpt: str, config: StudentConfig, codebook: torch.Tensor, info: dict) -> None:
     """Point a training run's student files at checkpoint `ckpt` (EMA as student.safetensors), write the
     codebook [V, C] once and config.json: what makes every trainer's run directory a `load_run` run."""

@@ -48,7 +48,7 @@ from .pairs import teacher_differences
 from .run_dir import claim_run_dir
 from .seeding import sample_timestep
 from .student import build_student
-from .student_run import CONFIG_FILE, publish_checkpoint, read_run_config
+from .student_run import CONFIG_FILE, publish_checkpoint, read_run_config, student_checkpoint_weights
 from .trainer import (LoopArgs, describe_recipe, loop_options, micro_batch_size, on_ranks, resolve_precision,
                       resolve_recipe, resume_or_refuse, run_training, update_ema)
 
@@ -215,8 +215,7 @@ def _train(args: TrainArgs, rank: int, world: int, device: str, log: Callable[[s
         model=student, ema=ema, opt=opt, loss_fn=loss_fn,
         dataset=WithTimesteps(pairs, cfg.timesteps, args.seed, args.timestep_weights),
         part_names=("ce", "emb"), rank=rank, world=world, device=device,
-        checkpoint_weights=lambda: {"model": (student.backbone.state_dict(), {"weights": "raw"}),
-                                    "ema": (ema.backbone.state_dict(), {"weights": "ema"})},
+        checkpoint_weights=lambda: student_checkpoint_weights(student, ema),
         checkpoint_state={"train": run_info["train"], "data_manifest_sha256": manifest_sha},
         on_checkpoint=on_checkpoint)
 

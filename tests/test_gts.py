@@ -126,12 +126,19 @@ def test_gts_init_learns_resumes_and_starts_both_csd_networks(tiny_pairs, tmp_pa
         x, _ = dd_sample(gen, eps, labels, (1,))
     assert (x - direct).abs().max() < 1e-5
 
-    # dd csd train --init-run GTS at step 0 (lr ~ 0: one update changes nothing at fp32): both networks
-    csd = tmp_path / "csd"
-    train_csd(CSDTrainArgs(out=str(csd), teacher=spec.to_dict(), init_run=str(whole), batch_size=4, lr=1e-30,
-                           guidance_lr=1e-30, guidance_steps=1, guidance_warmup=0, head_width=8, max_steps=1,
-                           ckpt_every=1, num_workers=0, ema_decay=0.5, progress=False, device="cpu"),
-              log=lambda s: None)
+    def frozen_step(name, **kw):
+        """One `dd csd train` step at lr ~ 0 (one update changes nothing at fp32) into tmp_path/name."""
+        out = tmp_path / name
+        train_csd(CSDTrainArgs(out=str(out), teacher=spec.to_dict(), batch_size=4, lr=1e-30, guidance_lr=1e-30,
+                               guidance_steps=1, guidance_warmup=0, max_steps=1, ckpt_every=1, num_workers=0,
+                               ema_decay=0.5, progress=False, device="cpu", **kw), log=lambda s: None)
+        return out
+
+    def same(a, b):
+        return all((a[k] - v).abs().max() < 1e-6 for k, v in b.items())
+
+    # dd csd train --init-run GTS at step 0: both networks
+    csd = frozen_step("csd", init_run=str(whole), head_width=8)
     start, cinfo = load_run(str(csd), ema=False)
     assert start.config.output == "ar_diffusion" and cinfo["train"]["head_width"] == 32
     with torch.no_grad():
@@ -139,26 +146,16 @@ def test_gts_init_learns_resumes_and_starts_both_csd_networks(tiny_pairs, tmp_pa
     assert (x0 - direct).abs().max() < 1e-5
     guide = load_safetensors(f"{latest_checkpoint(str(csd))}/guidance.safetensors")
     ema = load_safetensors(whole / "student.safetensors")
-    assert all((guide[k] - v).abs().max() < 1e-6 for k, v in ema.items())
+    assert same(guide, ema)
 
     # performance alignment (App. C.3): --init-run a CSD run restarts from its EMA generator and its guidance network
-    aligned = tmp_path / "aligned"
-    train_csd(CSDTrainArgs(out=str(aligned), teacher=spec.to_dict(), init_run=str(csd), batch_size=4, lr=1e-30,
-                           guidance_lr=1e-30, guidance_steps=1, guidance_warmup=0, max_steps=1, ckpt_every=1,
-                           num_workers=0, ema_decay=0.5, progress=False, device="cpu"), log=lambda s: None)
-    guide2 = load_safetensors(f"{latest_checkpoint(str(aligned))}/guidance.safetensors")
-    assert all((guide2[k] - v).abs().max() < 1e-6 for k, v in guide.items())
-    gen_ema = load_safetensors(csd / "student.safetensors")
-    raw2 = load_safetensors(aligned / "student_raw.safetensors")
-    assert all((raw2[k] - v).abs().max() < 1e-6 for k, v in gen_ema.items())
+    aligned = frozen_step("aligned", init_run=str(csd))
+    assert same(load_safetensors(f"{latest_checkpoint(str(aligned))}/guidance.safetensors"), guide)
+    assert same(load_safetensors(aligned / "student_raw.safetensors"), load_safetensors(csd / "student.safetensors"))
 
     # --guidance-init: the guidance network alone from the GTS run (here beside a fresh velocity generator)
-    gonly = tmp_path / "gonly"
-    train_csd(CSDTrainArgs(out=str(gonly), teacher=spec.to_dict(), guidance_init=str(whole), batch_size=4, lr=1e-30,
-                           guidance_lr=1e-30, guidance_steps=1, guidance_warmup=0, max_steps=1, ckpt_every=1,
-                           num_workers=0, ema_decay=0.5, progress=False, device="cpu"), log=lambda s: None)
-    guide3 = load_safetensors(f"{latest_checkpoint(str(gonly))}/guidance.safetensors")
-    assert all((guide3[k] - v).abs().max() < 1e-6 for k, v in ema.items())
+    gonly = frozen_step("gonly", guidance_init=str(whole))
+    assert same(load_safetensors(f"{latest_checkpoint(str(gonly))}/guidance.safetensors"), ema)
     assert load_run(str(gonly))[0].config.output == "velocity"
 
 
