@@ -7,7 +7,8 @@ Writes results/digits_table.md (one quality table per family, see distilled_deco
 plus the stage times), and per family results/compare_<family>.png (rows teacher / DD 1-step /
 DD 2-step / teacher-mixed), results/tradeoff_<family>.png (g and FID vs ms / image) and
 results/curves_<family>.png (the student's loss terms vs step), then quotes the table in README.md
-between its BEGIN/END markers (tests/test_docs.py checks that the two agree). Finished data sets and
+between its BEGIN/END markers (tests/test_docs.py checks that the two agree). Another --size writes
+digits_table_<size>.md and <kind>_<family>_<size>.png instead and leaves README.md alone. Finished data sets and
 runs in --out are re-used (both resume); samples and evaluation are always redone.
 """
 from __future__ import annotations
@@ -27,6 +28,9 @@ from distilled_decoding.demo import SIZES, run_demo  # noqa: E402
 
 README = os.path.join(ROOT, "README.md")
 TABLE = os.path.join(ROOT, "results", "digits_table.md")
+# issue 13's wall-clock budgets, per family on 2 CPU cores
+BUDGETS = {"default": "`make demo` minus the venv set-up, budget 10 min on 2 CPU cores",
+           "large": "`dd demo --size large`, budget 40 min on 2 CPU cores"}
 BEGIN, END = "<!-- BEGIN results/digits_table.md -->", "<!-- END results/digits_table.md -->"
 
 
@@ -53,12 +57,13 @@ def main() -> None:
     args = ap.parse_args()
 
     os.makedirs(args.results, exist_ok=True)
+    suffix = "" if args.size == "default" else f"_{args.size}"
     blocks, minutes = [], []
     for fam in args.family:
         info = run_demo(fam, os.path.join(args.out, fam), SIZES[args.size][fam], seed=args.seed, device=args.device)
         pics = {}
         for kind in ("compare", "tradeoff", "curves"):
-            pics[kind] = os.path.join(args.results, f"{kind}_{fam}.png")
+            pics[kind] = os.path.join(args.results, f"{kind}_{fam}{suffix}.png")
             shutil.copyfile(info[kind], pics[kind])
         s = info["seconds"]
         minutes.append(f"{fam} {s['total'] / 60:.1f} min")
@@ -75,9 +80,9 @@ def main() -> None:
               "(no VQ decoding) at the sampling batch size; speed-up is relative to the teacher row. "
               "g = (FID vs teacher − floor) / (FID vs teacher of onestep* − floor), from the printed means: "
               "0 is as good as an independent draw of the teacher, 1 no better than independent tokens. "
-              f"Whole pipeline per family in this invocation (`make demo` minus the venv set-up, budget 10 "
-              f"min on 2 CPU cores): {', '.join(minutes)}.\n")
-    path = os.path.join(args.results, "digits_table.md")
+              f"Whole pipeline per family in this invocation ({BUDGETS.get(args.size, 'size ' + args.size)}): "
+              f"{', '.join(minutes)}.\n")
+    path = os.path.join(args.results, f"digits_table{suffix}.md")
     table = header + "\n" + "\n\n".join(blocks) + "\n"
     with open(path, "w") as f:
         f.write(table)
