@@ -51,14 +51,14 @@ class DemoSize:
 _LLAMAGEN_DEFAULT = DemoSize(num_pairs=8000, train_steps=2500, batch_size=64, lr=3e-3, ema_decay=0.995,
                              num_samples=1000, timestep_weights=(3, 1))
 # Work budgets per size and teacher. The VAR student sees 131 tokens a sample (twice LlamaGen's 65)
-# under a float block-causal mask, so a sample costs ~2.4x: half LlamaGen's samples keep `make demo
-# FAMILY=var` inside its 10 minutes. They go in twice the updates of half the batch (lr and EMA horizon
-# scaled to match), which at the same seconds beat 1200 x 64 (DD-1 g 0.14 vs 0.18). VAR keeps the uniform
-# draw: 3:1 and 2:1 left DD-2 no better than DD-1. (results/dd1_fit.md)
+# under a float block-causal mask, so a sample costs ~2.4x: `make demo FAMILY=var` spends its 10 minutes
+# on many small updates instead (8400 x 8, in the seconds of 2400 x 32, which is the seconds of 1200 x 64):
+# DD-1 g 0.18 -> 0.14 -> 0.11 along that line, and teacher-mixed clearly below DD-2 only at batch 8. VAR
+# keeps the uniform draw: 3:1 and 2:1 left DD-2 no better than DD-1. (results/dd1_fit.md)
 SIZES = {
     "default": {"llamagen": _LLAMAGEN_DEFAULT,
-                "var": dataclasses.replace(_LLAMAGEN_DEFAULT, train_steps=2400, batch_size=32, lr=2e-3,
-                                           ema_decay=0.9975, timestep_weights=None),
+                "var": dataclasses.replace(_LLAMAGEN_DEFAULT, train_steps=8400, batch_size=8, lr=1.4e-3,
+                                           ema_decay=0.9993, timestep_weights=None),
                 # digits-t2i (run_t2i_demo): the LlamaGen budget; 5 rows instead of 7 to sample.
                 "t2i": _LLAMAGEN_DEFAULT},
     # tests/test_demo.py: the smallest LlamaGen run where DD still clearly beats onestep*.
