@@ -66,8 +66,8 @@ SIZES = {
     "mini": {"llamagen": DemoSize(num_pairs=3000, train_steps=1000, batch_size=64, lr=3e-3, ema_decay=0.99,
                                   num_samples=500, num_seeds=2)},
     # tools/run_table.py --size large (issue 13: <= 40 min a family): twice the pairs, more samples, and
-    # each family's default recipe trained longer. VAR at batch 16 (lr and EMA horizon scaled again):
-    # at the default's seconds it beat batch 32 (DD-1 g 0.112 vs 0.137, results/dd1_fit.md).
+    # each family's default recipe trained longer. VAR at batch 16 (lr and EMA horizon scaled): chosen when
+    # the default still trained at batch 32, which batch 16 beat at equal seconds (results/dd1_fit.md).
     "large": {"llamagen": dataclasses.replace(_LLAMAGEN_DEFAULT, num_pairs=16000, train_steps=5000,
                                               ema_decay=0.998, num_samples=2000),
               "var": dataclasses.replace(_LLAMAGEN_DEFAULT, num_pairs=16000, train_steps=14400, batch_size=16,

@@ -232,13 +232,18 @@ def check_timestep_weights(weights: Optional[Sequence[int]], timesteps: Sequence
 
 
 # ---- CLI --------------------------------------------------------------------------------------
+def _comma_ints(value: str, what: str) -> tuple:
+    """"3, 1" -> (3, 1); click.BadParameter naming `what` when an item is not an integer."""
+    try:
+        return tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError as e:
+        raise click.BadParameter(f"expected comma-separated {what}, got {value!r}") from e
+
+
 def _parse_timesteps(ctx, param, value):
     if value is None:
         return None
-    try:
-        ts = tuple(sorted({int(v) for v in value.replace(" ", "").split(",") if v}))
-    except ValueError as e:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from e
+    ts = tuple(sorted(set(_comma_ints(value, "integers"))))
     if not ts or ts[0] < 1:
         raise click.BadParameter("timesteps are 1-indexed AR steps (1 = pure noise)")
     return ts
@@ -247,10 +252,7 @@ def _parse_timesteps(ctx, param, value):
 def _parse_weights(ctx, param, value):
     if value is None:
         return None
-    try:
-        w = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
-    except ValueError as e:
-        raise click.BadParameter(f"expected comma-separated positive integers, got {value!r}") from e
+    w = _comma_ints(value, "positive integers")
     if not w or min(w) < 1:
         raise click.BadParameter(f"expected comma-separated positive integers, got {value!r}")
     return w

@@ -8,8 +8,8 @@ plus the stage times), and per family results/compare_<family>.png (rows teacher
 DD 2-step / teacher-mixed), results/tradeoff_<family>.png (g and FID vs ms / image) and
 results/curves_<family>.png (the student's loss terms vs step), then quotes the table in README.md
 between its BEGIN/END markers (tests/test_docs.py checks that the two agree). Another --size writes
-digits_table_<size>.md and <kind>_<family>_<size>.png instead and leaves README.md alone. Finished data sets and
-runs in --out are re-used (both resume); samples and evaluation are always redone.
+digits_table_<size>.md and <kind>_<family>_<size>.png instead and leaves README.md alone. Finished
+data sets and runs in --out are re-used (both resume); samples and evaluation are always redone.
 """
 from __future__ import annotations
 
