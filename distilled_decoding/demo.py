@@ -48,19 +48,23 @@ class DemoSize:
 
 # t = 1 (the one-step sampler's input) drawn 3:1 against the second timestep: on digits-llamagen it
 # beat the uniform draw for DD-1 and DD-2 alike (5:1 and t = 1 only lose DD-2; results/dd1_fit.md).
-_LLAMAGEN_DEFAULT = DemoSize(num_pairs=8000, train_steps=2500, batch_size=64, lr=3e-3, ema_decay=0.995,
+# 5600 steps: what fits `make demo`'s 10 minutes with train on both cores (`--procs 2`, ~11-13 steps/s);
+# on one core the demo ran 2500 (DD-1 g 0.36 -> 0.24 with the longer run).
+_LLAMAGEN_DEFAULT = DemoSize(num_pairs=8000, train_steps=5600, batch_size=64, lr=3e-3, ema_decay=0.9975,
                              num_samples=1000, timestep_weights=(3, 1))
 # Work budgets per size and teacher. The VAR student sees 131 tokens a sample (twice LlamaGen's 65)
 # under a float block-causal mask, so a sample costs ~2.4x: `make demo FAMILY=var` spends its 10 minutes
-# on many small updates instead (8400 x 8, in the seconds of 2400 x 32, which is the seconds of 1200 x 64):
-# DD-1 g 0.18 -> 0.14 -> 0.11 along that line, and teacher-mixed clearly below DD-2 only at batch 8. VAR
-# keeps the uniform draw: 3:1 and 2:1 left DD-2 no better than DD-1. (results/dd1_fit.md)
+# on many small updates instead. On one core, at equal seconds, 1200 x 64 -> 2400 x 32 -> 8400 x 8 took
+# DD-1 g 0.18 -> 0.14 -> 0.11, and teacher-mixed was clearly below DD-2 only at batch 8; on two ranks of
+# batch 8, 8000 x 16 fits the same minutes (DD-1 g 0.08). VAR keeps the uniform draw: 3:1 and 2:1 left
+# DD-2 no better than DD-1. (results/dd1_fit.md)
 SIZES = {
     "default": {"llamagen": _LLAMAGEN_DEFAULT,
-                "var": dataclasses.replace(_LLAMAGEN_DEFAULT, train_steps=8400, batch_size=8, lr=1.4e-3,
+                "var": dataclasses.replace(_LLAMAGEN_DEFAULT, train_steps=8000, batch_size=16, lr=1.4e-3,
                                            ema_decay=0.9993, timestep_weights=None),
-                # digits-t2i (run_t2i_demo): the LlamaGen budget; 5 rows instead of 7 to sample.
-                "t2i": _LLAMAGEN_DEFAULT},
+                # digits-t2i (run_t2i_demo): the LlamaGen recipe, shorter (its 40 caption tokens make a
+                # step ~1.15x LlamaGen's); 5 rows instead of 7 to sample.
+                "t2i": dataclasses.replace(_LLAMAGEN_DEFAULT, train_steps=4400, ema_decay=0.997)},
     # tests/test_demo.py: the smallest LlamaGen run where DD still clearly beats onestep*.
     # Two sampling seeds (not three) keep the slow test short.
     "mini": {"llamagen": DemoSize(num_pairs=3000, train_steps=1000, batch_size=64, lr=3e-3, ema_decay=0.99,
@@ -75,13 +79,38 @@ SIZES = {
 }
 
 
-def run_dd(args: List[str], log: Callable[[str], None] = click.echo) -> None:
-    """Run one `dd` verb in-process, printing its command line first. The verbs are imported here,
-    not through cli.py (which imports this module for `dd demo`: no import cycle)."""
+# The verbs whose work splits over local ranks without changing what they make: build-dataset writes
+# the same shards on any number of ranks, train sees the same global batches (tests/test_dataset.py,
+# tests/test_student.py). Sampling stays in one process: its seconds per image go into the table.
+ON_RANKS = ("build-dataset", "train")
+
+
+def run_dd(args: List[str], log: Callable[[str], None] = click.echo, procs: int = 1) -> None:
+    """Run one `dd` verb, printing its command line first: in-process, or for a verb of ON_RANKS
+    with procs > 1 under torchrun on that many local ranks, each with this process's torch threads.
+    The verbs are imported here, not through cli.py (which imports this module for `dd demo`: no
+    import cycle)."""
+    import subprocess
+
+    import torch
+
     from .dataset_cli import build_dataset_command
+    from .distributed import torchrun_argv
     from .sampling import sample_cmd
     from .train import train_command
 
+    args = [str(a) for a in args]
+    if procs > 1 and args[0] in ON_RANKS:
+        log(f"\n$ torchrun --standalone --nproc_per_node={procs} -m distilled_decoding "
+            + " ".join(shlex.quote(a) for a in args))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()),
+                   PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        rc = subprocess.run(torchrun_argv(procs, args), env=env).returncode
+        if rc:
+            raise click.ClickException(f"dd {args[0]} on {procs} local ranks exited with status {rc} "
+                                       "(its own messages are above)")
+        return
     run_verb({c.name: c for c in (build_dataset_command, train_command, sample_cmd)}, args, log)
 
 
@@ -117,12 +146,13 @@ def _draw_samples(run: str, smp: str, methods: List, ref_seed: int, seeds: List[
 
 
 def _build_and_train(name: str, data: str, run: str, size: DemoSize, seed: int, device: str, split: int,
-                     log: Callable[[str], None], extra: List[str] = ()) -> Tuple[float, float]:
+                     log: Callable[[str], None], extra: List[str] = (), procs: int = 1) -> Tuple[float, float]:
     """`dd build-dataset` of teacher `name` into `data` (extra: more of its options), then `dd train`
-    into `run` (resumed when it exists) -> (seconds building, seconds training)."""
+    into `run` (resumed when it exists), both on `procs` local ranks -> (seconds building, seconds
+    training)."""
     t0 = time.perf_counter()
     run_dd(["build-dataset", "--teacher", name] + list(extra) + ["--out", data, "--num-samples", str(size.num_pairs),
-            "--batch-size", "500", "--shard-size", "2000", "--seed", str(seed), "--device", device], log)
+            "--batch-size", "500", "--shard-size", "2000", "--seed", str(seed), "--device", device], log, procs)
     t_data = time.perf_counter() - t0
     train = ["train", "--data", data, "--out", run, "--max-steps", str(size.train_steps),
              "--batch-size", str(size.batch_size), "--lr", str(size.lr), "--ema-decay", str(size.ema_decay),
@@ -136,7 +166,7 @@ def _build_and_train(name: str, data: str, run: str, size: DemoSize, seed: int, 
         train += ["--timestep-weights", ",".join(map(str, size.timestep_weights))]
     if os.path.exists(os.path.join(run, "config.json")) or os.path.isdir(os.path.join(run, "checkpoints")):
         train.append("--resume")
-    run_dd(train, log)
+    run_dd(train, log, procs)
     return t_data, time.perf_counter() - t0 - t_data
 
 
@@ -159,9 +189,10 @@ def _write_results(out: str, info: dict) -> None:
 
 
 def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
-             log: Callable[[str], None] = click.echo) -> dict:
+             log: Callable[[str], None] = click.echo, procs: int = 1) -> dict:
     """Run the pipeline into `out` and return {"rows": [...], "table": markdown}. Re-running reuses
-    the finished data set and training run (both resume) and re-draws the samples."""
+    the finished data set and training run (both resume) and re-draws the samples. `procs`: local
+    ranks of build-dataset and train (the numbers do not depend on it, the seconds do)."""
     from teachers import load_teacher
     from . import plots, quality
     from .extractors import DigitsExtractor
@@ -173,7 +204,7 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
     S = teacher.num_steps
     data, run, smp = (os.path.join(out, d) for d in ("data", "run", "samples"))
     t0 = time.perf_counter()
-    t_data, t_train = _build_and_train(name, data, run, size, seed, device, S, log)
+    t_data, t_train = _build_and_train(name, data, run, size, seed, device, S, log, procs=procs)
 
     trained = tuple(read_run_config(run)["student"]["timesteps"])
     a, b = default_regen(trained)
@@ -218,7 +249,7 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
     plots_out = {"tradeoff": plots.tradeoff_plot(rows, os.path.join(out, "tradeoff.png"), f"{name}: quality vs speed"),
                  "curves": plots.curves_plot(os.path.join(run, "metrics.jsonl"), os.path.join(out, "curves.png"),
                                              f"{name}: DD student training")}
-    info = {"family": family, "size": dataclasses.asdict(size), "seed": seed, "device": device,
+    info = {"family": family, "size": dataclasses.asdict(size), "seed": seed, "device": device, "procs": procs,
             "reference_seed": ref_seed, "sample_seeds": seeds, "real_floor_fid": floor_real,
             "seconds": {"build_dataset": t_data, "train": t_train, "sample_and_eval": t_sample,
                         "total": time.perf_counter() - t0},
@@ -228,7 +259,7 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
 
 
 def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
-                 log: Callable[[str], None] = click.echo) -> dict:
+                 log: Callable[[str], None] = click.echo, procs: int = 1) -> dict:
     """`dd demo --family t2i`: the pipeline on the text-to-image zoo teacher digits-t2i, into `out`;
     -> {"rows", "table", ...} as `run_demo`. The rows of the paper's Table 3 (teacher, DD-1, DD-2)
     with the quality table's floor and onestep* rows, plus caption agreement (t2i_scores.py). The 40
@@ -249,7 +280,8 @@ def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
     prompt_list = read_prompts(prompts)
     data, run, smp = (os.path.join(out, d) for d in ("data", "run", "samples"))
     t0 = time.perf_counter()
-    t_data, t_train = _build_and_train(NAME, data, run, size, seed, device, S, log, extra=["--prompts", prompts])
+    t_data, t_train = _build_and_train(NAME, data, run, size, seed, device, S, log, extra=["--prompts", prompts],
+                                      procs=procs)
 
     trained = tuple(read_run_config(run)["student"]["timesteps"])
     t_sample = time.perf_counter()
@@ -281,7 +313,7 @@ def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
              "measured thickness and slant (teachers/digit_captions.py, thresholds from the teacher's JSON) "
              "all match the caption; thickness / slant agr. = each attribute alone."]
     table = quality.format_table(rows, title, notes, extra_columns=caption_columns())
-    info = {"family": "t2i", "size": dataclasses.asdict(size), "seed": seed, "device": device,
+    info = {"family": "t2i", "size": dataclasses.asdict(size), "seed": seed, "device": device, "procs": procs,
             "reference_seed": ref_seed, "sample_seeds": seeds, "real_floor_fid": floor_real,
             "seconds": {"build_dataset": t_data, "train": t_train, "sample_and_eval": t_sample,
                         "total": time.perf_counter() - t0},
@@ -301,9 +333,14 @@ def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", callback=device_option_check, show_default=True)
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
-              help="torch CPU threads. The digits models are too small to gain from more, and on a busy 2-core "
-                   "machine two OpenMP threads run many times slower than one.")
-def demo_cmd(family, out, size_name, seed, device, threads):
+              help="torch CPU threads (of each rank). The digits models are too small to gain from more, and on a "
+                   "busy 2-core machine two OpenMP threads run many times slower than one.")
+@click.option("--procs", default=min(2, os.cpu_count() or 1), show_default="2 where there are 2 cores",
+              type=click.IntRange(min=1),
+              help="Local processes (torchrun ranks) for build-dataset and train: the same shards and global "
+                   "batches on any number, so only the seconds change. Sampling runs in one process (its "
+                   "ms / image are in the table).")
+def demo_cmd(family, out, size_name, seed, device, threads, procs):
     """Run build-dataset -> train -> sample -> eval on a shipped digits teacher; print a Table 1."""
     import torch
 
@@ -312,9 +349,9 @@ def demo_cmd(family, out, size_name, seed, device, threads):
     if family not in SIZES[size_name]:
         raise click.UsageError(f"--size {size_name} has no budget for {family}: {sorted(SIZES[size_name])}")
     if family == "t2i":
-        info = run_t2i_demo(out, SIZES[size_name][family], seed=seed, device=device)
+        info = run_t2i_demo(out, SIZES[size_name][family], seed=seed, device=device, procs=procs)
     else:
-        info = run_demo(family, out, SIZES[size_name][family], seed=seed, device=device)
+        info = run_demo(family, out, SIZES[size_name][family], seed=seed, device=device, procs=procs)
     s = info["seconds"]
     click.echo(f"\n{info['table']}\n")
     click.echo(f"build-dataset {s['build_dataset']:.0f}s, train {s['train']:.0f}s, total {s['total']:.0f}s."

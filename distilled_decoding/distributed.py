@@ -5,7 +5,8 @@ Outside torchrun (WORLD_SIZE unset or 1) everything is a no-op with rank 0 of 1.
 from __future__ import annotations
 
 import os
-from typing import Optional
+import sys
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -44,6 +45,14 @@ def device_option_check(ctx, param, value):
         return check_device(value)
     except ValueError as e:
         raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+
+def torchrun_argv(nproc: int, args: Sequence) -> List[str]:
+    """The command line of `dd ARGS` on `nproc` local ranks: torch's own launcher (what the `torchrun`
+    script runs) on a free port (--standalone). `--` keeps the launcher's argparse off our options (it
+    would read --run as its --run-path)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "distilled_decoding", "--", *map(str, args)]
 
 
 def init_distributed(device: Optional[str]) -> tuple:

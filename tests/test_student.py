@@ -10,10 +10,12 @@ import os
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import torch
 
 from distilled_decoding.dataset_build import build_dataset
+from distilled_decoding.demo import run_dd as demo_run_dd
 from distilled_decoding.flowmap import FlowMapConfig, nearest_code
 from distilled_decoding.dd_loss import dd_loss
 from distilled_decoding.errors import DDError
@@ -28,7 +30,6 @@ from distilled_decoding.seeding import sample_timestep
 from distilled_decoding.train import TrainArgs, train
 from teachers.checkpoint import CheckpointMismatchError
 from teachers.var import level_ids
-from dd_process import run_dd
 from tiny_teachers import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -417,16 +418,19 @@ def test_gradient_accumulation_matches_the_full_batch(tiny, tmp_path):
         assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4)
 
 
-def test_two_rank_torchrun_matches_one_rank(tiny, tmp_path):
-    """`dd train` under torchrun (gloo, 2 ranks) logs the losses and global gradient norms of a
-    1-rank run on the same global batches."""
+def test_two_rank_torchrun_matches_one_rank(tiny, tmp_path, capfd):
+    """`dd train` under torchrun (gloo, 2 ranks), launched the way `dd demo --procs 2` launches it,
+    logs the losses and global gradient norms of a 1-rank run on the same global batches."""
     _, _, data = tiny["llamagen"]
     train(args_for(data, tmp_path / "one", max_steps=3), log=lambda s: None)
-    r = run_dd("train", "--data", data, "--out", tmp_path / "two", "--batch-size", 8, "--max-steps", 3,
-               "--log-every", 1, "--num-workers", 0, "--lr", "1e-3", "--ema-decay", "0.9", "--device", "cpu",
-               "--no-progress", torchrun=2)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "batch 8 = 2 rank(s) x 1 accum x 4" in r.stdout + r.stderr
+    printed = []
+    demo_run_dd(["train", "--data", data, "--out", tmp_path / "two", "--batch-size", 8, "--max-steps", 3,
+                 "--log-every", 1, "--num-workers", 0, "--lr", "1e-3", "--ema-decay", "0.9", "--device", "cpu",
+                 "--no-progress"], log=printed.append, procs=2)
+    out = capfd.readouterr()
+    assert printed[0].strip().startswith("$ torchrun --standalone --nproc_per_node=2 -m distilled_decoding train ")
+    assert "batch 8 = 2 rank(s) x 1 accum x 4" in out.out + out.err
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["train"]["world_size"] == 2
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
@@ -436,6 +440,18 @@ def test_two_rank_torchrun_matches_one_rank(tiny, tmp_path):
     s2, _ = load_run(str(tmp_path / "two"), ema=False)
     for (k, a), b in zip(s1.backbone.state_dict().items(), s2.backbone.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_verb_failing_on_ranks_stops_the_demo_with_one_line(tiny, tmp_path):
+    _, _, data = tiny["llamagen"]
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("x")
+    with pytest.raises(click.ClickException) as e:
+        demo_run_dd(["train", "--data", data, "--out", tmp_path / "taken", "--batch-size", 8, "--max-steps", 1,
+                     "--device", "cpu", "--no-progress"], log=lambda s: None, procs=2)
+    assert e.value.message.startswith("dd train on 2 local ranks exited with status ")
+    assert "\n" not in e.value.message
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "x"
 
 
 def test_dd_loss_reads_only_noise_positions():

@@ -54,13 +54,16 @@ def main() -> None:
     ap.add_argument("--no-readme", action="store_true", help="do not quote the new table in README.md")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--procs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="local ranks of build-dataset and train, as `dd demo --procs`")
     args = ap.parse_args()
 
     os.makedirs(args.results, exist_ok=True)
     suffix = "" if args.size == "default" else f"_{args.size}"
     blocks, minutes = [], []
     for fam in args.family:
-        info = run_demo(fam, os.path.join(args.out, fam), SIZES[args.size][fam], seed=args.seed, device=args.device)
+        info = run_demo(fam, os.path.join(args.out, fam), SIZES[args.size][fam], seed=args.seed, device=args.device,
+                        procs=args.procs)
         pics = {}
         for kind in ("compare", "tradeoff", "curves"):
             pics[kind] = os.path.join(args.results, f"{kind}_{fam}{suffix}.png")
@@ -75,7 +78,8 @@ def main() -> None:
                       f"`{os.path.basename(pics['curves'])}` (training curves).")
     cmd = "python tools/run_table.py " + " ".join(sys.argv[1:])
     header = (f"# Distilled Decoding on the digits teachers\n\nMade by `{cmd.strip()}` on "
-              f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} thread(s), "
+              f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} thread(s) a process; "
+              f"build-dataset and train on {args.procs} local rank(s), sampling in one process; "
               f"torch {torch.__version__}, device {args.device}). ms / image is the model time per image "
               "(no VQ decoding) at the sampling batch size; speed-up is relative to the teacher row. "
               "g = (FID vs teacher − floor) / (FID vs teacher of onestep* − floor), from the printed means: "
