@@ -58,10 +58,11 @@ _LLAMAGEN_DEFAULT = DemoSize(num_pairs=8000, train_steps=5600, batch_size=64, lr
 # DD-1 g 0.18 -> 0.14 -> 0.11, and teacher-mixed was clearly below DD-2 only at batch 8; on two ranks of
 # batch 8, 8000 x 16 fits the same minutes (DD-1 g 0.08). VAR keeps the uniform draw: 3:1 and 2:1 left
 # DD-2 no better than DD-1. (results/dd1_fit.md)
+_VAR_DEFAULT = dataclasses.replace(_LLAMAGEN_DEFAULT, train_steps=8000, batch_size=16, lr=1.4e-3,
+                                   ema_decay=0.9993, timestep_weights=None)
 SIZES = {
     "default": {"llamagen": _LLAMAGEN_DEFAULT,
-                "var": dataclasses.replace(_LLAMAGEN_DEFAULT, train_steps=8000, batch_size=16, lr=1.4e-3,
-                                           ema_decay=0.9993, timestep_weights=None),
+                "var": _VAR_DEFAULT,
                 # digits-t2i (run_t2i_demo): the LlamaGen recipe, shorter (its 40 caption tokens make a
                 # step ~1.15x LlamaGen's); 5 rows instead of 7 to sample.
                 "t2i": dataclasses.replace(_LLAMAGEN_DEFAULT, train_steps=4400, ema_decay=0.997)},
@@ -70,12 +71,12 @@ SIZES = {
     "mini": {"llamagen": DemoSize(num_pairs=3000, train_steps=1000, batch_size=64, lr=3e-3, ema_decay=0.99,
                                   num_samples=500, num_seeds=2)},
     # tools/run_table.py --size large (issue 13: <= 40 min a family): twice the pairs, more samples, and
-    # each family's default recipe trained longer. VAR at batch 16 (lr and EMA horizon scaled): chosen when
-    # the default still trained at batch 32, which batch 16 beat at equal seconds (results/dd1_fit.md).
-    "large": {"llamagen": dataclasses.replace(_LLAMAGEN_DEFAULT, num_pairs=16000, train_steps=5000,
-                                              ema_decay=0.998, num_samples=2000),
-              "var": dataclasses.replace(_LLAMAGEN_DEFAULT, num_pairs=16000, train_steps=14400, batch_size=16,
-                                         lr=1.4e-3, ema_decay=0.9995, num_samples=2000, timestep_weights=None)},
+    # each family's default recipe trained about 3x longer on the same 2 ranks, the EMA horizon kept at
+    # ~6% (LlamaGen) and ~14% (VAR) of the run (at 40% it ruins the student: results/dd1_fit.md).
+    "large": {"llamagen": dataclasses.replace(_LLAMAGEN_DEFAULT, num_pairs=16000, train_steps=16000,
+                                              ema_decay=0.999, num_samples=2000),
+              "var": dataclasses.replace(_VAR_DEFAULT, num_pairs=16000, train_steps=24000, ema_decay=0.9997,
+                                         num_samples=2000)},
 }
 
 
@@ -328,7 +329,7 @@ def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Output directory. Default: demo_out/<family>.")
 @click.option("--size", "size_name", type=click.Choice(sorted(SIZES)), default="default", show_default=True,
-              help="Work budget: default fits `make demo` (~10 min on 2 CPU cores); large takes 15-25 min "
+              help="Work budget: default fits `make demo` (~10 min on 2 CPU cores); large takes ~25 min "
                    "(results/digits_table_large.md).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", callback=device_option_check, show_default=True)
