@@ -336,15 +336,19 @@ def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="torch CPU threads (of each rank). The digits models are too small to gain from more, and on a "
                    "busy 2-core machine two OpenMP threads run many times slower than one.")
-@click.option("--procs", default=min(2, os.cpu_count() or 1), show_default="2 where there are 2 cores",
-              type=click.IntRange(min=1),
+@click.option("--procs", default=None, type=click.IntRange(min=1),
               help="Local processes (torchrun ranks) for build-dataset and train: the same shards and global "
                    "batches on any number, so only the seconds change. Sampling runs in one process (its "
-                   "ms / image are in the table).")
+                   "ms / image are in the table). Default: on cpu the cores up to 2, on cuda 1 (a rank a GPU).")
 def demo_cmd(family, out, size_name, seed, device, threads, procs):
     """Run build-dataset -> train -> sample -> eval on a shipped digits teacher; print a Table 1."""
     import torch
 
+    if procs is None:
+        procs = min(2, os.cpu_count() or 1) if device == "cpu" else 1
+    elif device.startswith("cuda") and procs > torch.cuda.device_count():
+        raise click.BadParameter(f"{procs} ranks on cuda need {procs} GPUs; this machine has "
+                                 f"{torch.cuda.device_count()}", param_hint="'--procs'")
     torch.set_num_threads(threads)
     out = out or os.path.join("demo_out", family)
     if family not in SIZES[size_name]:

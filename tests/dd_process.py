@@ -1,26 +1,21 @@
 """The `dd` CLI in subprocesses, as the resume and torchrun tests run it."""
 import os
-import socket
 import subprocess
 import sys
 import time
+
+from distilled_decoding.distributed import torchrun_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def dd_command(*args, torchrun: int = 0) -> list:
-    """`python -m distilled_decoding ARGS`, under torchrun with `torchrun` CPU ranks when > 0 (`--`
-    keeps torchrun's own argparse from taking options such as --run for its --run-path)."""
-    pre = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}"] if torchrun else [sys.executable]
-    return [*pre, "-m", "distilled_decoding", *(["--"] if torchrun else []), *map(str, args)]
+    """`python -m distilled_decoding ARGS`, or with `torchrun` > 0 the command line `dd demo --procs`
+    runs: torchrun on that many local CPU ranks."""
+    if torchrun:
+        return torchrun_argv(torchrun, args)
+    return [sys.executable, "-m", "distilled_decoding", *map(str, args)]
 
 
 def run_dd(*args, torchrun: int = 0, env=None, timeout: float = 180, **kw) -> subprocess.CompletedProcess:
