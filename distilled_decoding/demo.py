@@ -86,6 +86,12 @@ SIZES = {
 ON_RANKS = ("build-dataset", "train")
 
 
+def default_procs(device: str) -> int:
+    """`--procs` when not given: on cpu the cores up to 2 (the machine `make demo` is sized for), on an
+    accelerator 1 (torchrun puts a rank on each GPU)."""
+    return min(2, os.cpu_count() or 1) if device == "cpu" else 1
+
+
 def run_dd(args: List[str], log: Callable[[str], None] = click.echo, procs: int = 1) -> None:
     """Run one `dd` verb, printing its command line first: in-process, or for a verb of ON_RANKS
     with procs > 1 under torchrun on that many local ranks, each with this process's torch threads.
@@ -338,14 +344,14 @@ def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
                    "busy 2-core machine two OpenMP threads run many times slower than one.")
 @click.option("--procs", default=None, type=click.IntRange(min=1),
               help="Local processes (torchrun ranks) for build-dataset and train: the same shards and global "
-                   "batches on any number, so only the seconds change. Sampling runs in one process (its "
+                   "batches on any number, so only the seconds (and float rounding) change. Sampling runs in one process (its "
                    "ms / image are in the table). Default: on cpu the cores up to 2, on cuda 1 (a rank a GPU).")
 def demo_cmd(family, out, size_name, seed, device, threads, procs):
     """Run build-dataset -> train -> sample -> eval on a shipped digits teacher; print a Table 1."""
     import torch
 
     if procs is None:
-        procs = min(2, os.cpu_count() or 1) if device == "cpu" else 1
+        procs = default_procs(device)
     elif device.startswith("cuda") and procs > torch.cuda.device_count():
         raise click.BadParameter(f"{procs} ranks on cuda need {procs} GPUs; this machine has "
                                  f"{torch.cuda.device_count()}", param_hint="'--procs'")

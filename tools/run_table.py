@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from distilled_decoding.demo import SIZES, run_demo  # noqa: E402
+from distilled_decoding.demo import SIZES, default_procs, run_demo  # noqa: E402
 
 README = os.path.join(ROOT, "README.md")
 TABLE = os.path.join(ROOT, "results", "digits_table.md")
@@ -54,9 +54,10 @@ def main() -> None:
     ap.add_argument("--no-readme", action="store_true", help="do not quote the new table in README.md")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--procs", type=int, default=min(2, os.cpu_count() or 1),
-                    help="local ranks of build-dataset and train, as `dd demo --procs`")
+    ap.add_argument("--procs", type=int, default=None,
+                    help="local ranks of build-dataset and train, as `dd demo --procs` (same default)")
     args = ap.parse_args()
+    args.procs = args.procs or default_procs(args.device)
 
     os.makedirs(args.results, exist_ok=True)
     suffix = "" if args.size == "default" else f"_{args.size}"
