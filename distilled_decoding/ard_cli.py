@@ -17,6 +17,7 @@ import os
 
 import click
 
+from .demo import procs_option, resolve_procs
 from .distributed import default_device, device_option_check, dist_info, finish_distributed, init_distributed
 from .seeding import LABEL_MODES
 from .shard_store import StoreError
@@ -273,14 +274,16 @@ ard_group.add_command(_train_cmd)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", callback=device_option_check, show_default=True)
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
-              help="torch CPU threads (on a busy 2-core machine two threads run slower than one).")
-def demo_cmd(out, size_name, seed, device, threads):
+              help="torch CPU threads (of each rank; on a busy 2-core machine two threads run slower than one).")
+@procs_option
+def demo_cmd(out, size_name, seed, device, threads, procs):
     """Build trajectories -> train KD, step distillation and ARD -> sample -> eval on digits-dit; print a Table 1."""
     import torch
 
     from .ard_demo import SIZES, run_ard_demo
+    procs = resolve_procs(procs, device)
     torch.set_num_threads(threads)
-    info = run_ard_demo(out, SIZES[size_name], dict(ard_group.commands), seed=seed, device=device)
+    info = run_ard_demo(out, SIZES[size_name], dict(ard_group.commands), seed=seed, device=device, procs=procs)
     s = info["seconds"]
     click.echo(f"\n{info['table']}\n")
     click.echo(f"build-dataset {s['build_dataset']:.0f}s, train {s['train']:.0f}s, sample + eval "

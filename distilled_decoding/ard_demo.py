@@ -6,7 +6,9 @@ shaped like Table 1 of the ARD paper.
 Rows: the teacher's DDIM-25 (one reference draw, and the same sampler at the evaluation seeds: the
 floor row), the teacher's DDIM-S from the same noise, knowledge distillation (one step: the S = 1
 sub-trajectory), step distillation (S steps: mask M1, no history) and ARD (S steps, mask M4 in the N
-lower blocks). Every stage is the real `dd ard` verb run in-process, its command line printed first.
+lower blocks). Every stage is the real `dd ard` verb, its command line printed first: in-process, or
+with procs > 1 build-dataset and train under torchrun on that many local ranks (the same shards and global
+batches, so only the seconds change); sampling and timing always run in this process.
 
 Columns: FID against the held-out real digits and against the reference teacher draw on the zoo
 classifier's features (`quality.py`: floor row, g, precision/recall, class accuracy, mean ± sd over
@@ -28,7 +30,7 @@ import click
 import numpy as np
 import torch
 
-from .demo import run_verb
+from .demo import run_on_ranks, run_verb
 from .seeding import reference_seed, sample_seeds
 
 TEACHER = "digits-dit"
@@ -130,16 +132,24 @@ class Method:
         return ["--run", self.run] if self.run else ["--baseline", self.baseline, "--data", data]
 
 
+def run_ard(verbs: Dict[str, click.Command], args: List, log: Callable[[str], None], procs: int = 1) -> None:
+    """`dd ard ARGS` in-process, or on `procs` > 1 local torchrun ranks (build-dataset and train)."""
+    if procs > 1:
+        run_on_ranks(["ard", *args], procs, log)
+    else:
+        run_verb(verbs, args, log, group="dd ard")
+
+
 def build_trajectories(verbs: Dict[str, click.Command], data: str, size: ARDDemoSize, seed: int, device: str,
-                       log: Callable[[str], None], history: str = "state") -> None:
+                       log: Callable[[str], None], history: str = "state", procs: int = 1) -> None:
     """`dd ard build-dataset` of the demo's teacher into `data` (resumes; a finished set is verified)."""
-    run_verb(verbs, ["build-dataset", "--teacher", TEACHER, "--out", data, "--num-samples", size.num_trajectories,
-                     "--num-steps", size.num_steps, "--batch-size", size.sample_batch, "--shard-size", 1000,
-                     "--history", history, "--seed", seed, "--device", device], log, group="dd ard")
+    run_ard(verbs, ["build-dataset", "--teacher", TEACHER, "--out", data, "--num-samples", size.num_trajectories,
+                    "--num-steps", size.num_steps, "--batch-size", size.sample_batch, "--shard-size", 1000,
+                    "--history", history, "--seed", seed, "--device", device], log, procs)
 
 
 def train_student(verbs: Dict[str, click.Command], data: str, run: str, extra: List, steps: int, size: ARDDemoSize,
-                  seed: int, device: str, log: Callable[[str], None]) -> None:
+                  seed: int, device: str, log: Callable[[str], None], procs: int = 1) -> None:
     """`dd ard train` of one student (options `extra`, e.g. ["--mask", "M1"]) for `steps` steps at the
     size's batch, lr and EMA; a run already in `run` is resumed (a finished one is left as it is)."""
     args = ["train", "--data", data, "--out", run, *extra, "--max-steps", steps, "--batch-size", size.batch_size,
@@ -147,7 +157,7 @@ def train_student(verbs: Dict[str, click.Command], data: str, run: str, extra: L
             "--num-workers", 0, "--seed", seed, "--device", device, "--no-progress"]
     if os.path.exists(os.path.join(run, "config.json")) or os.path.isdir(os.path.join(run, "checkpoints")):
         args.append("--resume")
-    run_verb(verbs, args, log, group="dd ard")
+    run_ard(verbs, args, log, procs)
 
 
 def evaluate_methods(methods: List[Method], data: str, samples_dir: str, size: ARDDemoSize,
@@ -236,9 +246,10 @@ def evaluate_methods(methods: List[Method], data: str, samples_dir: str, size: A
 
 
 def run_ard_demo(out: str, size: ARDDemoSize, verbs: Dict[str, click.Command], seed: int = 0, device: str = "cpu",
-                 log: Callable[[str], None] = click.echo) -> dict:
+                 log: Callable[[str], None] = click.echo, procs: int = 1) -> dict:
     """Run the pipeline into `out`; return {"rows", "table", ...}. Re-running reuses the finished
-    trajectory set and training runs (both resume) and re-draws the samples."""
+    trajectory set and training runs (both resume) and re-draws the samples. procs: local ranks of
+    build-dataset and train."""
     from . import quality
     from .ard_student import ARDConfig
     from .ard_train import read_ard_run_config
@@ -246,14 +257,14 @@ def run_ard_demo(out: str, size: ARDDemoSize, verbs: Dict[str, click.Command], s
     S = size.num_steps
     data = os.path.join(out, "data")
     t0 = time.perf_counter()
-    build_trajectories(verbs, data, size, seed, device, log)
+    build_trajectories(verbs, data, size, seed, device, log, procs=procs)
     t_data = time.perf_counter() - t0
 
     students = {"kd": ["--steps", 1], "m1": ["--mask", "M1"], "ard": ["--mask", "M4"]}
     runs = {k: os.path.join(out, f"run-{k}") for k in students}
     for key, extra in students.items():
         train_student(verbs, data, runs[key], extra, size.kd_steps if key == "kd" else size.train_steps, size, seed,
-                      device, log)
+                      device, log, procs=procs)
     t_train = time.perf_counter() - t0 - t_data
     N = ARDConfig.from_dict(read_ard_run_config(runs["ard"])["student"]).lower_layers
 
@@ -276,6 +287,7 @@ def run_ard_demo(out: str, size: ARDDemoSize, verbs: Dict[str, click.Command], s
              f"sampling seed(s); FID on digits-classifier features vs {ev['num_real']} held-out digits")
     table = quality.format_table(rows, title, ev["notes"], extra_columns=ev["extra_columns"])
     info = {"size": dataclasses.asdict(size), "seed": seed, "device": device, "threads": torch.get_num_threads(),
+            "procs": procs,
             "reference_seed": ev["reference_seed"], "sample_seeds": seeds, "real_floor_fid": ev["real_floor_fid"],
             "lower_layers": N,
             "seconds": {"build_dataset": t_data, "train": t_train, "sample_and_eval": t_sample,

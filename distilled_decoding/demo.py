@@ -92,32 +92,62 @@ def default_procs(device: str) -> int:
     return min(2, os.cpu_count() or 1) if device == "cpu" else 1
 
 
-def run_dd(args: List[str], log: Callable[[str], None] = click.echo, procs: int = 1) -> None:
-    """Run one `dd` verb, printing its command line first: in-process, or for a verb of ON_RANKS
-    with procs > 1 under torchrun on that many local ranks, each with this process's torch threads.
-    The verbs are imported here, not through cli.py (which imports this module for `dd demo`: no
-    import cycle)."""
+def resolve_procs(procs: Optional[int], device: str) -> int:
+    """A demo's --procs: None = default_procs(device); more ranks than GPUs on cuda are refused."""
+    import torch
+
+    if procs is None:
+        return default_procs(device)
+    if device.startswith("cuda") and procs > torch.cuda.device_count():
+        raise click.BadParameter(f"{procs} ranks on cuda need {procs} GPUs; this machine has "
+                                 f"{torch.cuda.device_count()}", param_hint="'--procs'")
+    return procs
+
+
+def procs_option(f):
+    """The demos' --procs (`dd demo`, `dd ard demo`)."""
+    return click.option(
+        "--procs", default=None, type=click.IntRange(min=1),
+        help="Local processes (torchrun ranks) for build-dataset and train: the same shards and global "
+             "batches on any number, so only the seconds (and float rounding) change. Sampling runs in one "
+             "process (its ms / image are in the table). Default: on cpu the cores up to 2, on cuda 1 (a rank "
+             "a GPU).")(f)
+
+
+def run_on_ranks(args: List, procs: int, log: Callable[[str], None] = click.echo) -> None:
+    """`dd ARGS` (args[0] a verb, or a group and its verb: "ard", "train") under torchrun on `procs`
+    local ranks, each with this process's torch threads, printing its command line first. A failing
+    rank raises one-line ClickException (the ranks' own messages are already on the terminal)."""
     import subprocess
 
     import torch
 
-    from .dataset_cli import build_dataset_command
     from .distributed import torchrun_argv
+
+    args = [str(a) for a in args]
+    log(f"\n$ torchrun --standalone --nproc_per_node={procs} -m distilled_decoding "
+        + " ".join(shlex.quote(a) for a in args))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()),
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    rc = subprocess.run(torchrun_argv(procs, args), env=env).returncode
+    if rc:
+        verb = " ".join(args[:2] if args[0] == "ard" else args[:1])
+        raise click.ClickException(f"dd {verb} on {procs} local ranks exited with status {rc} "
+                                   "(its own messages are above)")
+
+
+def run_dd(args: List[str], log: Callable[[str], None] = click.echo, procs: int = 1) -> None:
+    """Run one `dd` verb, printing its command line first: in-process, or for a verb of ON_RANKS
+    with procs > 1 under torchrun (`run_on_ranks`). The verbs are imported here, not through cli.py
+    (which imports this module for `dd demo`: no import cycle)."""
+    from .dataset_cli import build_dataset_command
     from .sampling import sample_cmd
     from .train import train_command
 
     args = [str(a) for a in args]
     if procs > 1 and args[0] in ON_RANKS:
-        log(f"\n$ torchrun --standalone --nproc_per_node={procs} -m distilled_decoding "
-            + " ".join(shlex.quote(a) for a in args))
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()),
-                   PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        rc = subprocess.run(torchrun_argv(procs, args), env=env).returncode
-        if rc:
-            raise click.ClickException(f"dd {args[0]} on {procs} local ranks exited with status {rc} "
-                                       "(its own messages are above)")
-        return
+        return run_on_ranks(args, procs, log)
     run_verb({c.name: c for c in (build_dataset_command, train_command, sample_cmd)}, args, log)
 
 
@@ -342,19 +372,12 @@ def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="torch CPU threads (of each rank). The digits models are too small to gain from more, and on a "
                    "busy 2-core machine two OpenMP threads run many times slower than one.")
-@click.option("--procs", default=None, type=click.IntRange(min=1),
-              help="Local processes (torchrun ranks) for build-dataset and train: the same shards and global "
-                   "batches on any number, so only the seconds (and float rounding) change. Sampling runs in one process (its "
-                   "ms / image are in the table). Default: on cpu the cores up to 2, on cuda 1 (a rank a GPU).")
+@procs_option
 def demo_cmd(family, out, size_name, seed, device, threads, procs):
     """Run build-dataset -> train -> sample -> eval on a shipped digits teacher; print a Table 1."""
     import torch
 
-    if procs is None:
-        procs = default_procs(device)
-    elif device.startswith("cuda") and procs > torch.cuda.device_count():
-        raise click.BadParameter(f"{procs} ranks on cuda need {procs} GPUs; this machine has "
-                                 f"{torch.cuda.device_count()}", param_hint="'--procs'")
+    procs = resolve_procs(procs, device)
     torch.set_num_threads(threads)
     out = out or os.path.join("demo_out", family)
     if family not in SIZES[size_name]:

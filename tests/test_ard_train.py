@@ -100,3 +100,50 @@ def test_cli_refusals_are_one_line(data, tmp_path):
         r = runner.invoke(group, base + ["--out", str(tmp_path / extra[1].replace("/", "_"))] + extra)
         assert r.exit_code == 1 and words in r.output, r.output
         assert r.output.startswith("dd train: error:") and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_two_rank_torchrun_matches_one_rank(data, tmp_path, capfd):
+    """`dd ard train` under torchrun (gloo, 2 ranks), launched the way `dd ard demo --procs 2` launches it,
+    logs the losses and gradient norms of a 1-rank run on the same global batches, to the same weights."""
+    import dataclasses
+
+    from distilled_decoding.ard_cli import ard_group
+    from distilled_decoding.ard_demo import SIZES, train_student
+    size = dataclasses.replace(SIZES["tiny"], batch_size=8)
+    verbs, printed = dict(ard_group.commands), []
+    for name, procs in (("one", 1), ("two", 2)):
+        train_student(verbs, str(data / "traj"), str(tmp_path / name), ["--mask", "M4"], 3, size, 0, "cpu",
+                      printed.append, procs=procs)
+    out = capfd.readouterr()
+    assert printed[0].strip().startswith("$ dd ard train ")
+    assert printed[1].strip().startswith("$ torchrun --standalone --nproc_per_node=2 -m distilled_decoding ard train ")
+    assert "batch 8 = 2 rank(s) x 1 accum x 4" in out.out + out.err
+    assert read_ard_run_config(str(tmp_path / "two"))["train"]["world_size"] == 2
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) and len(one) >= 2
+    for step in one:
+        assert one[step]["loss"] == pytest.approx(two[step]["loss"], rel=1e-5)
+        assert one[step]["grad_norm"] == pytest.approx(two[step]["grad_norm"], rel=1e-4)
+    a, b = load_ard_run(str(tmp_path / "one"), ema=False), load_ard_run(str(tmp_path / "two"), ema=False)
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        if k.endswith("attn.qkv.bias"):
+            # the key bias shifts every score of a query alike, so its true gradient is 0: Adam turns the
+            # ranks' different float rounding of that 0 into steps of up to lr each: bounded, not equal
+            D = x.shape[0] // 3
+            torch.testing.assert_close(x[D:2 * D], y[D:2 * D], rtol=0, atol=3 * size.lr, msg=k)
+            x, y = torch.cat([x[:D], x[2 * D:]]), torch.cat([y[:D], y[2 * D:]])
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_failing_ard_verb_on_ranks_is_one_line(data, tmp_path):
+    import click
+
+    from distilled_decoding.ard_cli import ard_group
+    from distilled_decoding.ard_demo import SIZES, train_student
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("x")
+    with pytest.raises(click.ClickException) as e:
+        train_student(dict(ard_group.commands), str(data / "traj"), str(tmp_path / "taken"), [], 1, SIZES["tiny"], 0,
+                      "cpu", lambda s: None, procs=2)
+    assert e.value.message.startswith("dd ard train on 2 local ranks exited with status ") and "\n" not in e.value.message
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "x"

@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 from distilled_decoding.ard_demo import (SIZES, TEACHER, ARDDemoSize, Method, build_trajectories,  # noqa: E402
                                          evaluate_methods, train_student)
+from distilled_decoding.demo import default_procs  # noqa: E402
 from distilled_decoding.fileio import atomic_write  # noqa: E402
 from distilled_decoding.quality import format_table, summarise  # noqa: E402
 
@@ -191,7 +192,9 @@ def main() -> None:
     ap.add_argument("--append", action="store_true", help="append to an existing --results page")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --results page")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (of each rank)")
+    ap.add_argument("--procs", type=int, default=None,
+                    help="local ranks of build-dataset and train, as `dd ard demo --procs` (same default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -200,6 +203,7 @@ def main() -> None:
     from teachers import load_teacher
 
     torch.set_num_threads(args.threads)
+    args.procs = args.procs or default_procs(args.device)
     if os.path.exists(args.results) and not (args.append or args.overwrite):
         ap.error(f"--results {args.results} exists: pass --append or --overwrite")
     registry = student_rows(default_lower_layers(load_teacher(TEACHER).model.cfg.depth))
@@ -220,7 +224,7 @@ def main() -> None:
     datas = {h: os.path.join(args.out, "data" if h == "state" else f"data-{h}")
              for h in ["state"] + sorted({r.history for r in rows.values()} - {"state"})}
     for h, d in datas.items():
-        build_trajectories(verbs, d, size, args.seed, args.device, log, history=h)
+        build_trajectories(verbs, d, size, args.seed, args.device, log, history=h, procs=args.procs)
     t_data = time.perf_counter() - t0
 
     runs, train_s = {"kd": os.path.join(args.out, "run-kd")}, {}
@@ -238,7 +242,7 @@ def main() -> None:
     for key, data, extra, steps in jobs:
         runs[key] = os.path.join(args.out, f"run-{key}")
         t = time.perf_counter()
-        train_student(verbs, data, runs[key], extra, steps, size, args.seed, args.device, log)
+        train_student(verbs, data, runs[key], extra, steps, size, args.seed, args.device, log, procs=args.procs)
         train_s[key] = time.perf_counter() - t
 
     t_eval = time.perf_counter()
@@ -259,7 +263,7 @@ def main() -> None:
     if args.exposure:
         held = os.path.join(args.out, "data-heldout")
         build_trajectories(verbs, held, dataclasses.replace(size, num_trajectories=args.exposure), args.seed + 7,
-                           args.device, log)
+                           args.device, log, procs=args.procs)
         for k in ["kd"] + [k for k, r in rows.items() if r.history == "state"]:
             e = exposure_errors(runs[k], held, args.device)
             cells = [" / ".join(f"{1e3 * v:.3f}" for v in e[kind]) for kind in ("forced", "own")]
@@ -281,7 +285,8 @@ def main() -> None:
     load = os.getloadavg()
     block = [f"## {args.title}" if args.title else "## Ablation", "",
              f"Made by `{cmd}` on {platform.processor() or platform.machine()} with {torch.get_num_threads()} "
-             f"thread(s) (torch {torch.__version__}, device {args.device}); load average at the end "
+             f"thread(s) a process, build-dataset and train on {args.procs} local rank(s) (torch "
+             f"{torch.__version__}, device {args.device}); load average at the end "
              f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min; other jobs shared the machine, so "
              f"ms / image and seconds are indicative). This invocation: trajectories {t_data:.0f} s, training "
              f"{sum(train_s.values()):.0f} s, sampling + evaluation {t_eval:.0f} s (finished stages in --out are "
