@@ -30,7 +30,7 @@ import click
 import numpy as np
 import torch
 
-from .demo import run_on_ranks, run_verb
+from .demo import ON_RANKS, run_on_ranks, run_verb
 from .seeding import reference_seed, sample_seeds
 
 TEACHER = "digits-dit"
@@ -133,8 +133,9 @@ class Method:
 
 
 def run_ard(verbs: Dict[str, click.Command], args: List, log: Callable[[str], None], procs: int = 1) -> None:
-    """`dd ard ARGS` in-process, or on `procs` > 1 local torchrun ranks (build-dataset and train)."""
-    if procs > 1:
+    """`dd ard ARGS` in-process, or for a verb of `demo.ON_RANKS` with procs > 1 on that many local
+    torchrun ranks (`demo.run_on_ranks`), as `demo.run_dd` does for `dd`."""
+    if procs > 1 and str(args[0]) in ON_RANKS:
         run_on_ranks(["ard", *args], procs, log)
     else:
         run_verb(verbs, args, log, group="dd ard")
