@@ -104,6 +104,17 @@ def resolve_procs(procs: Optional[int], device: str) -> int:
     return procs
 
 
+def procs_for_tool(ap, procs: Optional[int], device: str) -> int:
+    """An argparse tool's --procs (tools/run_table.py, run_ard_table.py) by `resolve_procs`, a bad value
+    ending in the parser's one-line error."""
+    if procs is not None and procs < 1:
+        ap.error(f"--procs {procs}: at least 1")
+    try:
+        return resolve_procs(procs, device)
+    except click.BadParameter as e:
+        ap.error(f"--procs {procs}: {e.message}")
+
+
 def procs_option(f):
     """The demos' --procs (`dd demo`, `dd ard demo`)."""
     return click.option(

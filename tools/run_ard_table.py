@@ -39,12 +39,11 @@ from typing import Dict, List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import click  # noqa: E402
 import torch  # noqa: E402
 
 from distilled_decoding.ard_demo import (SIZES, TEACHER, ARDDemoSize, Method, build_trajectories,  # noqa: E402
                                          evaluate_methods, train_student)
-from distilled_decoding.demo import resolve_procs  # noqa: E402
+from distilled_decoding.demo import procs_for_tool  # noqa: E402
 from distilled_decoding.fileio import atomic_write  # noqa: E402
 from distilled_decoding.quality import format_table, summarise  # noqa: E402
 
@@ -204,12 +203,7 @@ def main() -> None:
     from teachers import load_teacher
 
     torch.set_num_threads(args.threads)
-    if args.procs is not None and args.procs < 1:
-        ap.error(f"--procs {args.procs}: at least 1")
-    try:
-        args.procs = resolve_procs(args.procs, args.device)   # dd demo's default and its cuda check
-    except click.BadParameter as e:
-        ap.error(f"--procs {args.procs}: {e.message}")
+    args.procs = procs_for_tool(ap, args.procs, args.device)
     if os.path.exists(args.results) and not (args.append or args.overwrite):
         ap.error(f"--results {args.results} exists: pass --append or --overwrite")
     registry = student_rows(default_lower_layers(load_teacher(TEACHER).model.cfg.depth))

@@ -22,10 +22,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import click  # noqa: E402
 import torch  # noqa: E402
 
-from distilled_decoding.demo import SIZES, resolve_procs, run_demo  # noqa: E402
+from distilled_decoding.demo import SIZES, procs_for_tool, run_demo  # noqa: E402
 
 README = os.path.join(ROOT, "README.md")
 TABLE = os.path.join(ROOT, "results", "digits_table.md")
@@ -58,12 +57,7 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=None,
                     help="local ranks of build-dataset and train, as `dd demo --procs` (same default)")
     args = ap.parse_args()
-    if args.procs is not None and args.procs < 1:
-        ap.error(f"--procs {args.procs}: at least 1")
-    try:
-        args.procs = resolve_procs(args.procs, args.device)   # dd demo's default and its cuda check
-    except click.BadParameter as e:
-        ap.error(f"--procs {args.procs}: {e.message}")
+    args.procs = procs_for_tool(ap, args.procs, args.device)
 
     os.makedirs(args.results, exist_ok=True)
     suffix = "" if args.size == "default" else f"_{args.size}"
