@@ -14,8 +14,9 @@ fresh one from the teacher with DD2's velocity parameterisation x = ε − v (Ap
 The loop is `trainer.train_loop` (resume, EMA of the generator, metrics, checkpoints); its optimizer is
 `PairedOptimizer`, the generator's AdamW (whose lr the loop schedules) with the guidance network's
 beside it, both in optimizer.pt. Randomness of a step depends only on (--seed, the step's item
-indices), so a resumed run repeats an uninterrupted one's losses. One process only (no DDP, no
---grad-accum: the guidance updates run inside the step).
+indices), so a resumed run repeats an uninterrupted one's losses, and K torchrun ranks (each its share of
+the batch; both networks' gradients averaged over the ranks) train as one process does. No --grad-accum:
+the guidance updates run inside the step.
 
 Run directory (`--out`): a DD student run (`student_run.py`: config.json, student.safetensors =
 the generator's EMA, student_raw.safetensors, codebook.safetensors; split 0 = the embedding head at
@@ -39,18 +40,20 @@ from torch.utils.data import Dataset
 
 from .csd import CSDConfig, tau_options, diffuse, generator_loss, guidance_loss, sample_tau, score_from_velocity, teacher_score
 from .csd_nets import GuidanceNet, generate, teacher_logp
+from .distributed import average_gradients, mean_over_ranks
 from .errors import DDError
 from .run_dir import claim_run_dir
 from .seeding import sample_labels, sample_seed
 from .student import build_student
 from .student_run import load_run, publish_checkpoint, read_run_config, student_checkpoint_weights
 from .teacher_spec import TeacherSpec, resolve_sampling, teacher_options
-from .trainer import (LoopArgs, describe_recipe, loop_options, on_ranks, resolve_precision, resume_or_refuse,
-                      run_training, update_ema)
+from .trainer import (LoopArgs, describe_recipe, loop_options, micro_batch_size, on_ranks, resolve_precision,
+                      resume_or_refuse, run_training, update_ema)
 
 STREAM_ARGS = ("batch_size", "seed", "lr", "guidance_lr", "guidance_steps", "guidance_warmup", "tau_dist",
                "tau_min", "tau_max", "logit_mean", "logit_std", "weight", "head_width", "init_run", "guidance_init", "output",
-               "warmup_steps", "lr_schedule", "weight_decay", "ema_decay", "grad_clip", "precision", "sampling")
+               "warmup_steps", "lr_schedule", "weight_decay", "ema_decay", "grad_clip", "precision", "sampling",
+               "noise_draw")
 ITEMS = 1 << 20          # the virtual data set: item i of epoch e is index e·ITEMS + i (its label, its noise)
 
 
@@ -135,8 +138,9 @@ def _check_same_teacher(flag: str, run: str, info: dict, teacher, spec: TeacherS
 
 
 def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable[[str], None]) -> dict:
-    if world != 1 or args.grad_accum != 1:
-        raise DDError("dd csd train runs in one process without --grad-accum (its guidance updates run inside a step)")
+    if args.grad_accum != 1:
+        raise DDError("dd csd train runs without --grad-accum (its guidance updates run inside a step)")
+    micro_batch_size(args.batch_size, world, 1)         # refuses a batch the ranks cannot share, before any work
     csd = args.csd_config()           # refuses a bad τ draw or weight before any work
     precision = resolve_precision(args.precision, device)
     out = args.out
@@ -206,21 +210,25 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
         torch.optim.AdamW(gen.parameters(), lr=args.lr, betas=(0.0, 0.99), weight_decay=args.weight_decay),
         torch.optim.AdamW(guide.parameters(), lr=args.guidance_lr, betas=(0.0, 0.99), weight_decay=0.0))
 
-    now = dict(args.to_dict(), precision=precision)
+    now = dict(args.to_dict(), precision=precision, noise_draw="item")
     step = resume_or_refuse(out, args.resume, {"model": gen.backbone, "ema": ema.backbone, "guidance": guide}, opt,
                             device, now, STREAM_ARGS, "none", log)
     codebook = gen.codebook
     n, C = teacher.num_tokens, teacher.embed_dim
 
-    def draws(g: torch.Generator, labels: torch.Tensor):
-        B = labels.shape[0]
-        z = torch.randn(B, n, C, generator=g).to(device)
-        tau = sample_tau((B, n), csd, generator=g).to(device)
-        eps = torch.randn(B, n, C, generator=g).to(device)
-        return z, tau, eps
+    def draws(indices, stream: str):
+        """(z [B, n, C], τ [B, n], ε [B, n, C]): item i's from (--seed, its index, stream) alone, so a
+        batch draws the same on any number of ranks."""
+        zs, taus, epss = [], [], []
+        for i in indices:
+            g = torch.Generator().manual_seed(sample_seed(args.seed, int(i), stream))
+            zs.append(torch.randn(n, C, generator=g))
+            taus.append(sample_tau((n,), csd, generator=g))
+            epss.append(torch.randn(n, C, generator=g))
+        return tuple(torch.stack(t).to(device) for t in (zs, taus, epss))
 
-    def guidance_update(g: torch.Generator, labels: torch.Tensor) -> torch.Tensor:
-        z, tau, eps = draws(g, labels)
+    def guidance_update(indices, stream: str, labels: torch.Tensor) -> torch.Tensor:
+        z, tau, eps = draws(indices, stream)
         with torch.no_grad():
             x0 = generate(gen, z, labels)
         v = guide(diffuse(x0, tau, eps), tau, x0, labels)
@@ -228,15 +236,17 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
         loss = guidance_loss(v, x0, eps)
         opt.guidance.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(guide.parameters(), world)
         torch.nn.utils.clip_grad_norm_(guide.parameters(), args.grad_clip)
         opt.guidance.step()
         return per.detach()
 
     def loss_fn(model, batch: dict):
         labels = batch["label"].to(device).long()
-        g = torch.Generator().manual_seed(sample_seed(args.seed, int(batch["index"][0]), "csd"))
-        fit = torch.stack([guidance_update(g, labels) for _ in range(csd.guidance_steps)]).mean(0)
-        z, tau, eps = draws(g, labels)
+        indices = batch["index"].tolist()
+        fit = torch.stack([guidance_update(indices, f"csd-guidance{k}", labels)
+                           for k in range(csd.guidance_steps)]).mean(0)
+        z, tau, eps = draws(indices, "csd")
         x0 = generate(model, z, labels)
         x_tau = diffuse(x0, tau, eps)
         with torch.no_grad():
@@ -250,12 +260,14 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
     warmup_s = 0.0
     if step == 0 and args.guidance_warmup:
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(sample_seed(args.seed, -1, "csd-warmup"))
         stream = LabelStream(teacher.num_classes, args.seed)
         first = float("nan")
+        share = args.batch_size // world        # this rank's items of each warm-up batch
         for k in range(args.guidance_warmup):
-            labels = torch.stack([stream[(-1, k * args.batch_size + b)]["label"] for b in range(args.batch_size)])
-            fit = guidance_update(g, labels.to(device)).mean().item()
+            items = [stream[(-1, k * args.batch_size + b)] for b in range(rank * share, (rank + 1) * share)]
+            labels = torch.stack([it["label"] for it in items]).to(device)
+            fit = mean_over_ranks(guidance_update([int(it["index"]) for it in items], "csd-warmup", labels).mean(),
+                                  world).item()
             first = fit if k == 0 else first
         warmup_s = time.perf_counter() - t0
         log(f"guidance warm-up: {args.guidance_warmup} updates in {warmup_s:.0f} s, flow-matching loss "
@@ -263,7 +275,8 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
     elif step:
         warmup_s = read_run_config(out).get("warmup_seconds", float("nan"))
 
-    train_info = dict(args.to_dict(), precision=precision, recipe=describe_recipe(args))
+    train_info = dict(args.to_dict(), precision=precision, recipe=describe_recipe(args), world_size=world,
+                      noise_draw="item")
     run_info = {"teacher": spec.to_dict(), "split": 0, "timesteps": [1], "sampling": sampling.to_dict(),
                 "method": "csd", "train": train_info, "warmup_seconds": warmup_s}
     n_gen, n_guide = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (gen, guide))
@@ -271,7 +284,7 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
         + (f", from {args.init_run}" if args.init_run else ", from the teacher") + f"), guidance {n_guide:.2f}M"
         + {"gts": " (from the same AR-diffusion init)", "csd": " (the init run's)"}.get(kind, "")
         + (f" (from the AR-diffusion init {args.guidance_init})" if args.guidance_init else "") + "; "
-        f"K = {csd.guidance_steps}, tau {csd.tau_dist}, weight {csd.weight}; batch {args.batch_size}; "
+        f"K = {csd.guidance_steps}, tau {csd.tau_dist}, weight {csd.weight}; batch {args.batch_size} on {world} rank(s); "
         f"precision {precision}; {describe_recipe(args)}, guidance lr {args.guidance_lr:g}")
 
     def on_checkpoint(path: str, at: int) -> None:
@@ -282,6 +295,7 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
         args, precision, out=out, step=step, log=log, desc="dd csd train",
         model=gen, ema=ema, opt=opt, loss_fn=loss_fn, dataset=LabelStream(teacher.num_classes, args.seed),
         part_names=("guidance", "gap"), rank=rank, world=world, device=device,
+        grad_sync="average",            # the logits head gets no gradient: DDP would wait for it
         checkpoint_weights=lambda: dict(student_checkpoint_weights(gen, ema),
                                         guidance=(guide.state_dict(), {"weights": "guidance"})),
         checkpoint_state={"train": train_info, "data_manifest_sha256": "none"},
@@ -322,7 +336,7 @@ def csd_group() -> None:
 def csd_train_command(out, init_run, guidance_init, output, guidance_steps, guidance_lr, guidance_warmup, head_width,
                       tau_dist, tau_min, tau_max, logit_mean, logit_std, weight, teacher_spec, sampling_overrides, no_progress,
                       **loop):
-    """Train a one-step generator by CSD against a teacher (one process).
+    """Train a one-step generator by CSD against a teacher (torchrun: several ranks).
 
     \b
       dd csd train --teacher digits-llamagen --out runs/csd --init-run runs/dd1 --max-steps 200

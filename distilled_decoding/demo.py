@@ -38,6 +38,8 @@ class DemoSize:
     sample_batch: int = 250
     num_seeds: int = 3     # sampling seeds per method (mean ± sd in the table)
     timestep_weights: Optional[Tuple[int, ...]] = None   # `dd train --timestep-weights` (None: uniform)
+    dd2_steps: int = 300   # `dd demo --dd2`: CSD generator updates from the trained DD student
+    dd2_warmup: int = 100  # ... and guidance updates before the first
 
     def training_words(self) -> str:
         """How the students train, for the table titles."""
@@ -69,7 +71,7 @@ SIZES = {
     # tests/test_demo.py: the smallest LlamaGen run where DD still clearly beats onestep*.
     # Two sampling seeds (not three) keep the slow test short.
     "mini": {"llamagen": DemoSize(num_pairs=3000, train_steps=1000, batch_size=64, lr=3e-3, ema_decay=0.99,
-                                  num_samples=500, num_seeds=2)},
+                                  num_samples=500, num_seeds=2, dd2_steps=10, dd2_warmup=10)},
     # tools/run_table.py --size large (issue 13: <= 40 min a family): twice the pairs, more samples, and
     # each family's default recipe trained about 3x longer on the same 2 ranks, the EMA horizon kept at
     # ~6% (LlamaGen) and ~14% (VAR) of the run (at 40% it ruins the student: results/dd1_fit.md).
@@ -82,8 +84,9 @@ SIZES = {
 
 # The verbs whose work splits over local ranks without changing what they make: build-dataset writes
 # the same shards on any number of ranks, train sees the same global batches (tests/test_dataset.py,
-# tests/test_student.py). Sampling stays in one process: its seconds per image go into the table.
-ON_RANKS = ("build-dataset", "train")
+# tests/test_student.py), and so do `dd csd train` / `dd csd init` (tests/test_csd_train.py,
+# tests/test_gts.py). Sampling stays in one process: its seconds per image go into the table.
+ON_RANKS = ("build-dataset", "train", "csd")
 
 
 def default_procs(device: str) -> int:
@@ -143,7 +146,7 @@ def run_on_ranks(args: List, procs: int, log: Callable[[str], None] = click.echo
                PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     rc = subprocess.run(torchrun_argv(procs, args), env=env).returncode
     if rc:
-        verb = " ".join(args[:2] if args[0] == "ard" else args[:1])
+        verb = " ".join(args[:2] if args[0] in ("ard", "csd") else args[:1])
         raise click.ClickException(f"dd {verb} on {procs} local ranks exited with status {rc} "
                                    "(its own messages are above)")
 
@@ -152,6 +155,7 @@ def run_dd(args: List[str], log: Callable[[str], None] = click.echo, procs: int 
     """Run one `dd` verb, printing its command line first: in-process, or for a verb of ON_RANKS
     with procs > 1 under torchrun (`run_on_ranks`). The verbs are imported here, not through cli.py
     (which imports this module for `dd demo`: no import cycle)."""
+    from .csd_train import csd_group
     from .dataset_cli import build_dataset_command
     from .sampling import sample_cmd
     from .train import train_command
@@ -159,6 +163,8 @@ def run_dd(args: List[str], log: Callable[[str], None] = click.echo, procs: int 
     args = [str(a) for a in args]
     if procs > 1 and args[0] in ON_RANKS:
         return run_on_ranks(args, procs, log)
+    if args[0] == "csd":
+        return run_verb(csd_group.commands, args[1:], log, group="dd csd")
     run_verb({c.name: c for c in (build_dataset_command, train_command, sample_cmd)}, args, log)
 
 
@@ -218,6 +224,22 @@ def _build_and_train(name: str, data: str, run: str, size: DemoSize, seed: int, 
     return t_data, time.perf_counter() - t0 - t_data
 
 
+def _train_dd2(name: str, run: str, csd_run: str, size: DemoSize, seed: int, device: str,
+               log: Callable[[str], None], procs: int = 1) -> float:
+    """`dd csd train` of a DD2 generator started from the trained DD student `run` (its embedding head at
+    t = 1) into `csd_run` (resumed when it exists), on `procs` local ranks -> seconds. The settings of
+    results/dd2_digits.md's DD-1-init runs: K = 2, lr 1e-3 for both networks, EMA 0.99, batch 32."""
+    t0 = time.perf_counter()
+    cmd = ["csd", "train", "--teacher", name, "--out", csd_run, "--init-run", run, "--max-steps", size.dd2_steps,
+           "--batch-size", 32, "--guidance-steps", 2, "--guidance-warmup", size.dd2_warmup, "--lr", "1e-3",
+           "--guidance-lr", "1e-3", "--ema-decay", "0.99", "--ckpt-every", size.dd2_steps, "--log-every", 10,
+           "--num-workers", 0, "--seed", seed, "--device", device]
+    if os.path.isdir(os.path.join(csd_run, "checkpoints")):
+        cmd.append("--resume")
+    run_dd(cmd, log, procs)
+    return time.perf_counter() - t0
+
+
 def _real_features(extractor, size: DemoSize, seed: int):
     """The held-out digits' features [297, D] and the real-vs-real FID floor of `size.num_samples`
     training digits against them."""
@@ -237,10 +259,12 @@ def _write_results(out: str, info: dict) -> None:
 
 
 def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
-             log: Callable[[str], None] = click.echo, procs: int = 1) -> dict:
+             log: Callable[[str], None] = click.echo, procs: int = 1, dd2: bool = False) -> dict:
     """Run the pipeline into `out` and return {"rows": [...], "table": markdown}. Re-running reuses
     the finished data set and training run (both resume) and re-draws the samples. `procs`: local
-    ranks of build-dataset and train (the numbers do not depend on it, the seconds do)."""
+    ranks of build-dataset and train (the numbers do not depend on it, the seconds do). dd2: also train
+    a DD2 generator by CSD from the DD student (`_train_dd2`) and add its row and its start's (the
+    student's embedding head at t = 1)."""
     from teachers import load_teacher
     from . import plots, quality
     from .extractors import DigitsExtractor
@@ -254,6 +278,8 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
     t0 = time.perf_counter()
     t_data, t_train = _build_and_train(name, data, run, size, seed, device, S, log, procs=procs)
 
+    csd_run = os.path.join(out, "csd")
+    t_dd2 = _train_dd2(name, run, csd_run, size, seed, device, log, procs) if dd2 else 0.0
     trained = tuple(read_run_config(run)["student"]["timesteps"])
     a, b = default_regen(trained)
     n_skip = S // 2
@@ -262,6 +288,11 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
         ("floor", "teacher, independent draws (floor)", S, ["--run", run, "--baseline", "teacher"]),
         ("dd1", "DD 1-step", 1, ["--run", run, "--steps", "1"]),
         ("dd2", f"DD 2-step (t = {','.join(map(str, trained))})", 2, ["--run", run, "--steps", "2"]),
+    ] + ([
+        ("dd1emb", "DD 1-step, embedding head (DD2's start)", 1, ["--run", run, "--steps", "1", "--split", "0"]),
+        ("csd", f"DD2 1-step (CSD, DD student + {size.dd2_steps} steps), snapped", 1,
+         ["--run", csd_run, "--steps", "1", "--snap"]),
+    ] if dd2 else []) + [
         ("mixed", f"DD teacher-mixed pre-trained-{a}-{b}", (b - a) + (2 if a > 1 else 1),
          ["--run", run, "--regen", f"{a}:{b}"]),
         ("skip", f"teacher skip-{n_skip}", S - n_skip, ["--run", run, "--baseline", f"skip-{n_skip}"]),
@@ -293,13 +324,18 @@ def run_demo(family: str, out: str, size: DemoSize, seed: int = 0, device: str =
              "drawn independently from the last computed step's prediction, so the step count is the paper's "
              "(LlamaGen skip-106 = 150 steps, VAR skip-1 = 9): the only per-position distributions a "
              "next-token model gives without another model call (sampling.py, `--skip-fill`)."]
+    if dd2:
+        notes.append(f"DD2: `dd csd train` from the DD student (its embedding head at t = 1), {size.dd2_warmup} "
+                     f"guidance warm-up updates, then {size.dd2_steps} generator updates (K = 2 guidance updates "
+                     f"each, batch 32, lr 1e-3, EMA 0.99) on {procs} rank(s): {t_dd2:.0f} s on top of the DD "
+                     f"student's {t_train:.0f} s (docs/dd2.md); sampled snapped to the nearest codes.")
     table = quality.format_table(rows, title, notes)
     plots_out = {"tradeoff": plots.tradeoff_plot(rows, os.path.join(out, "tradeoff.png"), f"{name}: quality vs speed"),
                  "curves": plots.curves_plot(os.path.join(run, "metrics.jsonl"), os.path.join(out, "curves.png"),
                                              f"{name}: DD student training")}
     info = {"family": family, "size": dataclasses.asdict(size), "seed": seed, "device": device, "procs": procs,
             "reference_seed": ref_seed, "sample_seeds": seeds, "real_floor_fid": floor_real,
-            "seconds": {"build_dataset": t_data, "train": t_train, "sample_and_eval": t_sample,
+            "seconds": {"build_dataset": t_data, "train": t_train, "dd2_train": t_dd2, "sample_and_eval": t_sample,
                         "total": time.perf_counter() - t0},
             "rows": rows, "table": table, "compare": compare, "run": run, **plots_out}
     _write_results(out, info)
@@ -383,8 +419,11 @@ def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="torch CPU threads (of each rank). The digits models are too small to gain from more, and on a "
                    "busy 2-core machine two OpenMP threads run many times slower than one.")
+@click.option("--dd2", is_flag=True, default=False,
+              help="Also train a DD2 generator by conditional score distillation from the DD student (`dd csd "
+                   "train`, the size's dd2 steps: ~2 more minutes on 2 CPU cores) and add its row and its start's.")
 @procs_option
-def demo_cmd(family, out, size_name, seed, device, threads, procs):
+def demo_cmd(family, out, size_name, seed, device, threads, dd2, procs):
     """Run build-dataset -> train -> sample -> eval on a shipped digits teacher; print a Table 1."""
     import torch
 
@@ -393,10 +432,12 @@ def demo_cmd(family, out, size_name, seed, device, threads, procs):
     out = out or os.path.join("demo_out", family)
     if family not in SIZES[size_name]:
         raise click.UsageError(f"--size {size_name} has no budget for {family}: {sorted(SIZES[size_name])}")
+    if family == "t2i" and dd2:
+        raise click.UsageError("--dd2: DD2 (`dd csd train`) supports class-conditional teachers only, not t2i")
     if family == "t2i":
         info = run_t2i_demo(out, SIZES[size_name][family], seed=seed, device=device, procs=procs)
     else:
-        info = run_demo(family, out, SIZES[size_name][family], seed=seed, device=device, procs=procs)
+        info = run_demo(family, out, SIZES[size_name][family], seed=seed, device=device, procs=procs, dd2=dd2)
     s = info["seconds"]
     click.echo(f"\n{info['table']}\n")
     click.echo(f"build-dataset {s['build_dataset']:.0f}s, train {s['train']:.0f}s, total {s['total']:.0f}s."

@@ -105,3 +105,24 @@ def mean_over_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
         torch.distributed.all_reduce(values)
         values /= world
     return values
+
+
+def average_gradients(params, world: int) -> None:
+    """Replace every existing .grad of `params` by its mean over the ranks (one flat all-reduce).
+
+    What DDP does, for a model whose loss reaches it through methods other than forward or leaves some
+    parameters without a gradient (DDP needs both to be otherwise): the DD2 networks. A parameter
+    without a gradient is skipped, so every rank must leave the same ones without (a frozen backbone,
+    an unused head: the same code path on every rank)."""
+    if world <= 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

@@ -24,7 +24,9 @@ through `tok_embeddings = Linear(C, dim)`, the least-squares fit of the teacher'
 Run directory (`--out`): a DD student run (`student_run.py`) whose student has output "ar_diffusion"
 (`student.DDStudent`: x = ε − v(ε, τ = 1, shifted ε)), so `dd sample --run OUT --steps 1` samples the
 generator the init hands to CSD, and `dd csd train --init-run OUT` starts both networks from it.
-On the shared loop (`trainer.train_loop`: EMA, metrics.jsonl, checkpoints, --resume bit for bit).
+On the shared loop (`trainer.train_loop`: EMA, metrics.jsonl, checkpoints, --resume bit for bit, torchrun
+ranks with the gradients averaged: every sequence's noise comes from its own draw index, so K ranks
+train on exactly the batches and noise of one).
 metrics.jsonl: loss (GTS, per sequence), one (the part of it at τ = 1 positions, per position).
 """
 from __future__ import annotations
@@ -53,7 +55,7 @@ from .trainer import (LoopArgs, describe_recipe, loop_options, on_ranks, resolve
 
 STREAM_ARGS = ("batch_size", "seed", "lr", "head_width", "tau_dist", "tau_min", "tau_max", "logit_mean",
                "logit_std", "tau_one", "draws", "freeze_backbone_steps", "warmup_steps", "lr_schedule",
-               "weight_decay", "ema_decay", "grad_clip", "precision")
+               "weight_decay", "ema_decay", "grad_clip", "precision", "noise_draw")
 
 
 @dataclass
@@ -93,13 +95,16 @@ class WithDraw(Dataset):
         return item
 
 
-def gts_draws(batch_draw: int, shape, args: GTSInitArgs, csd: CSDConfig, device):
-    """(τ [B, n] with a --tau-one fraction at 1, ε [B, n, C]) of one batch, from (--seed, its first draw index)."""
-    B, n, C = shape
-    g = torch.Generator().manual_seed(sample_seed(args.seed, batch_draw, "gts"))
-    tau = sample_tau((B, n), csd, generator=g)
-    tau = torch.where(torch.rand(B, n, generator=g) < args.tau_one, torch.ones_like(tau), tau)
-    return tau.to(device), torch.randn(B, n, C, generator=g).to(device)
+def gts_draws(item_draws, k: int, n: int, C: int, args: GTSInitArgs, csd: CSDConfig, device):
+    """Draw k of a batch: (τ [B, n] with a --tau-one fraction at 1, ε [B, n, C]), each sequence's from
+    (--seed, its draw index, k) alone, so a batch draws the same on any number of ranks."""
+    taus, epss = [], []
+    for d in item_draws:
+        g = torch.Generator().manual_seed(sample_seed(args.seed, int(d) * args.draws + k, "gts"))
+        tau = sample_tau((n,), csd, generator=g)
+        taus.append(torch.where(torch.rand(n, generator=g) < args.tau_one, torch.ones_like(tau), tau))
+        epss.append(torch.randn(n, C, generator=g))
+    return torch.stack(taus).to(device), torch.stack(epss).to(device)
 
 
 def train_gts(args: GTSInitArgs, log: Callable[[str], None] = print) -> dict:
@@ -110,8 +115,6 @@ def train_gts(args: GTSInitArgs, log: Callable[[str], None] = print) -> dict:
 def _train(args: GTSInitArgs, rank: int, world: int, device: str, log: Callable[[str], None]) -> dict:
     from teachers.base import SamplingConfig
     from .teacher_spec import resolve_sampling
-    if world != 1:
-        raise DDError("dd csd init runs in one process")
     if not 0.0 <= args.tau_one <= 1.0 or args.draws < 1 or args.freeze_backbone_steps < 0:
         raise DDError("--tau-one must lie in [0, 1], --draws >= 1, --freeze-backbone-steps >= 0")
     csd = args.csd_config()
@@ -140,14 +143,14 @@ def _train(args: GTSInitArgs, rank: int, world: int, device: str, log: Callable[
     update_ema(ema, model, 0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     manifest_sha = file_sha256(os.path.join(args.data, "manifest.json"))
-    now = dict(args.to_dict(), precision=precision)
+    now = dict(args.to_dict(), precision=precision, noise_draw="item")
     step = resume_or_refuse(out, args.resume, {"model": model.backbone, "ema": ema.backbone}, opt, device, now,
                             STREAM_ARGS, manifest_sha, log)
     codebook = model.codebook
-    calls = [step]          # loss_fn calls so far = the step (one process, no accumulation): the freeze's clock
+    calls = [step * args.grad_accum]          # loss_fn calls so far: the freeze's clock
 
     def loss_fn(net, batch: dict):
-        frozen = calls[0] < args.freeze_backbone_steps
+        frozen = calls[0] // args.grad_accum < args.freeze_backbone_steps
         calls[0] += 1
         tokens = batch["tokens"].to(device).long()
         labels = batch["label"].to(device).long()
@@ -157,7 +160,7 @@ def _train(args: GTSInitArgs, rank: int, world: int, device: str, log: Callable[
         feats = guide.features(x0, labels, backbone_grad=not frozen)
         loss, one = 0.0, torch.zeros(tokens.shape[0], device=device)
         for k in range(args.draws):
-            tau, eps = gts_draws(int(batch["draw"][0]) * args.draws + k, x0.shape, args, csd, device)
+            tau, eps = gts_draws(batch["draw"].tolist(), k, x0.shape[1], x0.shape[2], args, csd, device)
             x_tau = diffuse(x0, tau, eps)
             v = guide.head_velocity(x_tau, tau, feats)
             target = gts_target(x_tau, tau, logp, codebook)
@@ -168,7 +171,8 @@ def _train(args: GTSInitArgs, rank: int, world: int, device: str, log: Callable[
                 one += (err * at1).sum(1) / at1.sum(1).clamp(min=1) / args.draws
         return loss, {"one": one}
 
-    train_info = dict(args.to_dict(), precision=precision, recipe=describe_recipe(args))
+    train_info = dict(args.to_dict(), precision=precision, recipe=describe_recipe(args), world_size=world,
+                      noise_draw="item")
     run_info = {"teacher": spec.to_dict(), "split": 0, "timesteps": [1], "sampling": sampling.to_dict(),
                 "method": "gts", "train": train_info,
                 "data": {"dir": os.path.abspath(args.data), "manifest_sha256": manifest_sha,
@@ -176,7 +180,7 @@ def _train(args: GTSInitArgs, rank: int, world: int, device: str, log: Callable[
     log(f"gts init: {teacher.family} AR-diffusion model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
         f"params (head width {args.head_width}); {len(pairs)} teacher sequences; batch {args.batch_size}, "
         f"{args.draws} draw(s); tau {csd.tau_dist} + {args.tau_one:g} at 1; head only for "
-        f"{args.freeze_backbone_steps} steps; precision {precision}; {describe_recipe(args)}")
+        f"{args.freeze_backbone_steps} steps; {world} rank(s); precision {precision}; {describe_recipe(args)}")
 
     def on_checkpoint(path: str, at: int) -> None:
         publish_checkpoint(out, path, model.config, codebook, dict(run_info, step=at))
@@ -185,7 +189,7 @@ def _train(args: GTSInitArgs, rank: int, world: int, device: str, log: Callable[
     return run_training(
         args, precision, out=out, step=step, log=log, desc="dd csd init",
         model=model, ema=ema, opt=opt, loss_fn=loss_fn, dataset=WithDraw(pairs), part_names=("one",),
-        rank=rank, world=world, device=device,
+        rank=rank, world=world, device=device, grad_sync="average",      # the loss calls the backbone's methods
         checkpoint_weights=lambda: student_checkpoint_weights(model, ema),
         checkpoint_state={"train": train_info, "data_manifest_sha256": manifest_sha},
         on_checkpoint=on_checkpoint)

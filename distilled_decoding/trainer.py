@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from teachers.checkpoint import CheckpointFileError
 
-from .distributed import barrier, finish_distributed, init_distributed, mean_over_ranks
+from .distributed import average_gradients, barrier, finish_distributed, init_distributed, mean_over_ranks
 from .errors import DDError
 from .run_dir import (CKPT_DIR, METRICS_FILE, append_metrics, checkpoint_dirs, latest_checkpoint, load_checkpoint,
                       save_checkpoint, truncate_metrics)
@@ -114,7 +114,8 @@ class SecondModel:
 
 LR_SCHEDULES = ("constant", "cosine")
 # Settings added to the stream after runs were made: a checkpoint that lacks them ran with these.
-STREAM_DEFAULTS = {"warmup_steps": 0, "lr_schedule": "constant", "disc_weight": 0.0, "timestep_weights": None}
+STREAM_DEFAULTS = {"warmup_steps": 0, "lr_schedule": "constant", "disc_weight": 0.0, "timestep_weights": None,
+                   "noise_draw": "batch"}     # DD2 runs once drew a batch's noise from its first index
 
 
 def lr_at(step: int, lr: float, warmup_steps: int = 0, schedule: str = "constant",
@@ -303,7 +304,8 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
                dataset: Dataset, part_names: Sequence[str], cfg: LoopConfig, out: str, rank: int, world: int,
                device: str, step: int, checkpoint_weights: Callable[[], dict], checkpoint_state: dict,
                on_checkpoint: Callable[[str, int], None], log: Callable[[str], None], desc: str = "train",
-               on_log: Optional[Callable[[dict], None]] = None, second: Optional[SecondModel] = None) -> dict:
+               on_log: Optional[Callable[[dict], None]] = None, second: Optional[SecondModel] = None,
+               grad_sync: str = "ddp") -> dict:
     """Train `model` from `step` to cfg.max_steps; returns the last metrics record.
 
     dataset: items keyed by (epoch, position); loss_fn(model or its DDP wrapper, batch on the CPU) ->
@@ -311,13 +313,19 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
     checkpoint_state: what state.json holds beside "metrics" and "step"; on_checkpoint(path, step):
     rank 0, after each checkpoint (publish the run's files); on_log(record): rank 0, after each metrics line;
     second: a model updated after each step of `model` (SecondModel), its values logged beside the parts.
+    grad_sync (several ranks): "ddp", loss_fn gets the DDP wrapper and must reach every parameter through
+    its forward; "average", loss_fn gets `model` itself and the gradients are averaged over the ranks
+    after the micro-batches (`average_gradients`: for losses that call other methods or leave parameters
+    without a gradient).
     """
+    if grad_sync not in ("ddp", "average"):
+        raise ValueError(f"grad_sync {grad_sync!r}: ddp | average")
     micro = micro_batch_size(cfg.batch_size, world, cfg.grad_accum)
     dev_type = torch.device(device).type
     batches = MicroBatches(len(dataset), world, rank, micro, cfg.seed, start=step * cfg.grad_accum)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                         pin_memory=dev_type == "cuda", persistent_workers=cfg.num_workers > 0)
-    net = wrap_ddp(model, device, world)
+    net = wrap_ddp(model, device, world) if grad_sync == "ddp" else model
     autocast = (lambda: torch.autocast(device_type=dev_type, dtype=torch.bfloat16)) if cfg.precision == "bf16" \
         else contextlib.nullcontext
 
@@ -347,13 +355,15 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
                 second.begin(step)
             for k in range(cfg.grad_accum):
                 batch = next(it)
-                sync = k == cfg.grad_accum - 1 or world == 1
+                sync = k == cfg.grad_accum - 1 or world == 1 or net is model
                 with (contextlib.nullcontext() if sync else net.no_sync()), autocast():
                     loss, parts = loss_fn(net, batch)
                 (loss / cfg.grad_accum).backward()
                 step_sums[:n_parts - len(second_names)] += torch.stack(
                     [loss.detach().double()] + [parts[name].mean().double() for name in part_names]) / cfg.grad_accum
             step_sums = mean_over_ranks(step_sums, world)       # every rank sees the same NaN
+            if net is model:
+                average_gradients(model.parameters(), world)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if not (bool(torch.isfinite(step_sums).all()) and bool(torch.isfinite(grad_norm))):
                 raise _diverged(out, step + 1, ["loss", *part_names], step_sums, grad_norm)

@@ -147,3 +147,41 @@ def test_csd_cli_refusals_are_one_line(tiny_teacher, tmp_path):
         r = runner.invoke(group, base + ["--out", str(tmp_path / "x")] + extra)
         assert r.exit_code in (1, 2) and words in r.output, r.output
         assert r.output.startswith("dd csd train: error:") and len(r.output.strip().splitlines()) == 1, r.output
+
+
+@pytest.mark.parametrize("tiny_teacher", ["llamagen"], indirect=True)
+def test_two_rank_torchrun_matches_one_rank(tiny_teacher, tmp_path):
+    """`dd csd train` on 2 torchrun ranks (gloo) logs the losses of one process and ends at its weights:
+    each item's noise is its own, both networks' gradients are averaged over the ranks (the guidance
+    network's in its warm-up and K updates too)."""
+    from dd_process import run_dd
+    spec, _ = tiny_teacher
+    base = ["csd", "train", "--teacher", "llamagen", "--config", json.dumps(spec.config), "--checkpoint",
+            spec.checkpoint, "--tokenizer-config", json.dumps(spec.tokenizer_config), "--tokenizer-checkpoint",
+            spec.tokenizer_checkpoint, "--batch-size", 4, "--lr", "1e-3", "--guidance-lr", "3e-3",
+            "--guidance-steps", 2, "--guidance-warmup", 3, "--head-width", 32, "--max-steps", 3, "--log-every", 1,
+            "--num-workers", 0, "--ema-decay", "0.5", "--output", "embedding", "--no-progress", "--device", "cpu"]
+    teacher = spec.load("cpu")
+    start = {"model.safetensors": build_student(teacher, (1,), 0, seed=0).backbone.state_dict(),
+             "guidance.safetensors": GuidanceNet(build_student(teacher, (1,), 0, seed=1).backbone, teacher.step_sizes,
+                                                 teacher.embed_dim, 32).state_dict()}
+    for name, procs in (("one", 0), ("two", 2)):
+        proc = run_dd(*base, "--out", tmp_path / name, torchrun=procs)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "batch 4 on 2 rank(s)" in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["train"]["world_size"] == 2
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        for key in ("loss", "guidance", "gap", "grad_norm"):
+            assert one[step][key] == pytest.approx(two[step][key], rel=1e-4), (step, key)
+    from distilled_decoding.run_dir import latest_checkpoint
+    for stem in ("model.safetensors", "guidance.safetensors"):
+        a, b = (load_safetensors(f"{latest_checkpoint(str(tmp_path / n))}/{stem}") for n in ("one", "two"))
+        assert sorted(a) == sorted(b)
+        for k in a:
+            # Adam divides each entry's step by its own gradient scale: where a gradient is ~0 (the guidance
+            # lr is 3e-3) the ranks' other float rounding moves a weight by up to ~1e-5 of a different sign
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=3e-5, msg=f"{stem}: {k}")
+        moved = max((a[k] - v).abs().max().item() for k, v in start[stem].items())
+        assert moved > 100 * 3e-5, (stem, moved)       # far more than the tolerance: the ranks trained

@@ -15,13 +15,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo"))
-    return out, run_demo("llamagen", out, SIZES["mini"]["llamagen"], seed=0, log=lambda s: None)
+    return out, run_demo("llamagen", out, SIZES["mini"]["llamagen"], seed=0, log=lambda s: None, dd2=True)
 
 
 def test_outputs_exist_and_parse(demo):
     out, info = demo
     keys = [r["key"] for r in info["rows"]]
-    assert keys == ["teacher", "floor", "dd1", "dd2", "mixed", "skip", "onestep"]
+    assert keys == ["teacher", "floor", "dd1", "dd2", "dd1emb", "csd", "mixed", "skip", "onestep"]
     size = SIZES["mini"]["llamagen"]
     n = size.num_samples
     assert len(info["sample_seeds"]) == size.num_seeds and info["reference_seed"] not in info["sample_seeds"]
@@ -49,6 +49,7 @@ def test_steps(demo):
     rows = {r["key"]: r for r in demo[1]["rows"]}
     assert rows["floor"]["steps"] == 64
     assert rows["teacher"]["steps"] == 64 and rows["dd1"]["steps"] == 1 and rows["dd2"]["steps"] == 2
+    assert rows["dd1emb"]["steps"] == rows["csd"]["steps"] == 1
     assert rows["mixed"]["steps"] == 12 and rows["skip"]["steps"] == 32
 
 
@@ -66,3 +67,19 @@ def test_dd_beats_independent_tokens(demo):
     assert rows["floor"]["fid_teacher"] < 0.2 * rows["onestep"]["fid_teacher"], rows
     assert rows["dd2"]["fid_real"] < 0.85 * rows["onestep"]["fid_real"], rows
     assert rows["dd1"]["acc"] > 0.9 and rows["dd2"]["acc"] > 0.9
+
+
+def test_dd2_row_is_a_csd_generator_started_from_the_dd_student(demo):
+    """`run_demo(dd2=True)`: the DD2 row samples a `dd csd train` run whose generator started from the demo's
+    DD student (--init-run) and trained the size's steps; its start (the student's embedding head) has a row."""
+    from distilled_decoding.student_run import read_run_config
+    out, info = demo
+    size = SIZES["mini"]["llamagen"]
+    cfg = read_run_config(os.path.join(out, "csd"))
+    assert cfg["method"] == "csd" and cfg["step"] == size.dd2_steps
+    assert cfg["train"]["init_run"] == os.path.abspath(os.path.join(out, "run"))
+    with open(os.path.join(out, "csd", "metrics.jsonl")) as f:
+        assert len([json.loads(line) for line in f]) == size.dd2_steps // 10
+    rows = {r["key"]: r for r in info["rows"]}
+    assert rows["csd"]["method"].startswith("DD2 1-step") and np.isfinite(rows["csd"]["g"])
+    assert info["seconds"]["dd2_train"] > 0
