@@ -114,6 +114,15 @@ def test_csd_train_learns_resumes_bit_for_bit_and_loads_strictly(tiny_teacher, t
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="guidance_steps"):
         train_csd(_args(spec, part, resume=True, max_steps=9, guidance_steps=3), log=lambda s: None)
+    # a run made before the per-item noise (its state.json lacks noise_draw) is refused, not continued on other noise
+    from distilled_decoding.run_dir import latest_checkpoint
+    state_file = f"{latest_checkpoint(str(part))}/state.json"
+    state = json.loads(open(state_file).read())
+    del state["train"]["noise_draw"]
+    with open(state_file, "w") as f:
+        json.dump(state, f)
+    with pytest.raises(ValueError, match="noise_draw: 'batch' -> 'item'"):
+        train_csd(_args(spec, part, resume=True, max_steps=9), log=lambda s: None)
 
     # the run directory is a DD student run: `dd sample` loads it strictly (EMA weights, split 0)
     gen, info = load_run(str(whole))
