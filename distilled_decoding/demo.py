@@ -421,7 +421,7 @@ def run_t2i_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu",
                    "busy 2-core machine two OpenMP threads run many times slower than one.")
 @click.option("--dd2", is_flag=True, default=False,
               help="Also train a DD2 generator by conditional score distillation from the DD student (`dd csd "
-                   "train`, the size's dd2 steps: ~2 more minutes on 2 CPU cores) and add its row and its start's.")
+                   "train`, the size's dd2 steps: 1.5-3 more minutes on 2 CPU cores) and add its row and its start's.")
 @procs_option
 def demo_cmd(family, out, size_name, seed, device, threads, dd2, procs):
     """Run build-dataset -> train -> sample -> eval on a shipped digits teacher; print a Table 1."""
