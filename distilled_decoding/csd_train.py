@@ -43,7 +43,7 @@ from .csd_nets import GuidanceNet, generate, teacher_logp
 from .distributed import average_gradients, mean_over_ranks
 from .errors import DDError
 from .run_dir import claim_run_dir
-from .seeding import sample_labels, sample_seed
+from .seeding import sample_generators, sample_labels
 from .student import build_student
 from .student_run import load_run, publish_checkpoint, read_run_config, student_checkpoint_weights
 from .teacher_spec import TeacherSpec, resolve_sampling, teacher_options
@@ -220,8 +220,7 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
         """(z [B, n, C], τ [B, n], ε [B, n, C]): item i's from (--seed, its index, stream) alone, so a
         batch draws the same on any number of ranks."""
         zs, taus, epss = [], [], []
-        for i in indices:
-            g = torch.Generator().manual_seed(sample_seed(args.seed, int(i), stream))
+        for g in sample_generators(args.seed, indices, stream):
             zs.append(torch.randn(n, C, generator=g))
             taus.append(sample_tau((n,), csd, generator=g))
             epss.append(torch.randn(n, C, generator=g))
@@ -275,8 +274,7 @@ def _train(args: CSDTrainArgs, rank: int, world: int, device: str, log: Callable
     elif step:
         warmup_s = read_run_config(out).get("warmup_seconds", float("nan"))
 
-    train_info = dict(args.to_dict(), precision=precision, recipe=describe_recipe(args), world_size=world,
-                      noise_draw="item")
+    train_info = dict(now, recipe=describe_recipe(args), world_size=world)
     run_info = {"teacher": spec.to_dict(), "split": 0, "timesteps": [1], "sampling": sampling.to_dict(),
                 "method": "csd", "train": train_info, "warmup_seconds": warmup_s}
     n_gen, n_guide = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (gen, guide))

@@ -47,7 +47,7 @@ from .errors import DDError
 from .fileio import file_sha256
 from .pairs import teacher_differences
 from .run_dir import claim_run_dir
-from .seeding import sample_seed
+from .seeding import sample_generators
 from .student import build_student
 from .student_run import publish_checkpoint, student_checkpoint_weights
 from .trainer import (LoopArgs, describe_recipe, loop_options, on_ranks, resolve_precision, resolve_recipe,
@@ -99,8 +99,7 @@ def gts_draws(item_draws, k: int, n: int, C: int, args: GTSInitArgs, csd: CSDCon
     """Draw k of a batch: (τ [B, n] with a --tau-one fraction at 1, ε [B, n, C]), each sequence's from
     (--seed, its draw index, k) alone, so a batch draws the same on any number of ranks."""
     taus, epss = [], []
-    for d in item_draws:
-        g = torch.Generator().manual_seed(sample_seed(args.seed, int(d) * args.draws + k, "gts"))
+    for g in sample_generators(args.seed, [int(d) * args.draws + k for d in item_draws], "gts"):
         tau = sample_tau((n,), csd, generator=g)
         taus.append(torch.where(torch.rand(n, generator=g) < args.tau_one, torch.ones_like(tau), tau))
         epss.append(torch.randn(n, C, generator=g))
@@ -171,8 +170,7 @@ def _train(args: GTSInitArgs, rank: int, world: int, device: str, log: Callable[
                 one += (err * at1).sum(1) / at1.sum(1).clamp(min=1) / args.draws
         return loss, {"one": one}
 
-    train_info = dict(args.to_dict(), precision=precision, recipe=describe_recipe(args), world_size=world,
-                      noise_draw="item")
+    train_info = dict(now, recipe=describe_recipe(args), world_size=world)
     run_info = {"teacher": spec.to_dict(), "split": 0, "timesteps": [1], "sampling": sampling.to_dict(),
                 "method": "gts", "train": train_info,
                 "data": {"dir": os.path.abspath(args.data), "manifest_sha256": manifest_sha,

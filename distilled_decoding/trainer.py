@@ -355,14 +355,14 @@ def train_loop(*, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim
                 second.begin(step)
             for k in range(cfg.grad_accum):
                 batch = next(it)
-                sync = k == cfg.grad_accum - 1 or world == 1 or net is model
+                sync = k == cfg.grad_accum - 1 or world == 1 or grad_sync == "average"
                 with (contextlib.nullcontext() if sync else net.no_sync()), autocast():
                     loss, parts = loss_fn(net, batch)
                 (loss / cfg.grad_accum).backward()
                 step_sums[:n_parts - len(second_names)] += torch.stack(
                     [loss.detach().double()] + [parts[name].mean().double() for name in part_names]) / cfg.grad_accum
             step_sums = mean_over_ranks(step_sums, world)       # every rank sees the same NaN
-            if net is model:
+            if grad_sync == "average":
                 average_gradients(model.parameters(), world)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if not (bool(torch.isfinite(step_sums).all()) and bool(torch.isfinite(grad_norm))):
